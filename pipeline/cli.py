@@ -1,0 +1,257 @@
+"""The `sp` command line. Each command is a thin wrapper over one function of `stages/` or `store/`,
+so everything the CLI (and the Snakemake workflow) does can be done from Python too."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="Saliency-Prompt pre-training for query-based instance segmentation (CVPR 2023).")
+store_app = typer.Typer(no_args_is_help=True, help="Inspect, merge, export and import pseudo-label stores.")
+app.add_typer(store_app, name="store")
+log = logging.getLogger("sp")
+
+
+class Method(str, Enum):
+    saliency = "saliency"
+    random = "random"
+
+
+class Nms(str, Enum):
+    matrix = "matrix"
+    greedy = "greedy"
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False):
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def fail(message: str):
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+Backbone = Annotated[str, typer.Option(help="torchvision ResNet: resnet18, resnet34, resnet50 or resnet101.")]
+BackboneWeights = Annotated[Optional[Path], typer.Option(
+    exists=True, dir_okay=False, help="Local weights file: torchvision, MoCo-v2/DenseCL (module.encoder_q.), "
+    "mmselfsup (backbone.) or detectron2 (.pkl) layout. Without it the backbone is random (a warning says so).")]
+ImageSize = Annotated[int, typer.Option(help="Short side of the backbone input, in pixels.")]
+MaxSize = Annotated[int, typer.Option(help="Cap on the long side of the backbone input.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Images per backbone batch.")]
+Workers = Annotated[int, typer.Option(min=0, help="DataLoader processes decoding images.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda when available).")]
+
+
+@app.command("gen-masks")
+def gen_masks(
+    images_dir: Annotated[Path, typer.Argument(help="Folder of unlabeled images (searched recursively).")],
+    store: Annotated[Path, typer.Option(help="Output store (a .zarr directory). Rerun the same command to resume.")],
+    method: Annotated[Method, typer.Option(help="saliency (the paper) or random boxes (Table 7 baseline).")] = Method.saliency,
+    backbone: Backbone = "resnet50",
+    backbone_weights: BackboneWeights = None,
+    image_size: ImageSize = 800,
+    max_size: MaxSize = 1333,
+    batch_size: BatchSize = 8,
+    workers: Workers = 2,
+    device: Device = "auto",
+    shard: Annotated[Optional[str], typer.Option(help="I/N: process the I-th of N contiguous parts into "
+                                                 "STORE_STEM.partI-of-N.zarr; join them with `sp store merge`.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first K images (sorted by path).")] = None,
+    seed_pools: Annotated[str, typer.Option(help="Seed scales: C5 average-pooled by these factors.")] = "1,2,4",
+    threshold: Annotated[float, typer.Option(help="Binarisation threshold of the normalised similarity map.")] = 0.5,
+    min_cells: Annotated[int, typer.Option(help="Drop candidates covering fewer C5 cells.")] = 2,
+    nms: Annotated[Nms, typer.Option(help="matrix (SOLOv2, Gaussian) or greedy (hard IoU NMS).")] = Nms.matrix,
+    matrix_sigma: Annotated[float, typer.Option(help="Gaussian sigma of Matrix NMS.")] = 2.0,
+    iou_threshold: Annotated[float, typer.Option(help="IoU threshold of greedy NMS.")] = 0.5,
+    max_masks: Annotated[int, typer.Option(help="Masks kept per image after NMS, before the filters.")] = 20,
+    min_score: Annotated[float, typer.Option(help="Drop masks whose score after NMS is lower.")] = 0.7,
+    max_width_frac: Annotated[float, typer.Option(help="Drop masks whose box is at least this fraction of the image width.")] = 0.95,
+    min_center_y_frac: Annotated[float, typer.Option(help="Drop masks centred above this fraction of the image height.")] = 0.2,
+    mask_threshold: Annotated[float, typer.Option(help="Threshold of the soft map upsampled to image size.")] = 0.5,
+    random_boxes: Annotated[int, typer.Option(help="--method random: boxes per image.")] = 20,
+    random_seed: Annotated[int, typer.Option(help="--method random: seed of the boxes.")] = 0,
+    init_seed: Annotated[int, typer.Option(help="Seed of the random backbone when no weights are given.")] = 0,
+):
+    """Stage 1: pseudo masks from seed-convolution saliency, written to a resumable Zarr store."""
+    from models.saliency import SaliencyConfig
+    from stages.gen_masks import GenerationSettings, RunOptions, generate, parse_shard
+    from store.export import format_summary, store_summary
+
+    try:
+        pools = tuple(int(v) for v in seed_pools.split(","))
+        settings = GenerationSettings(
+            method=method.value, backbone=backbone, init_seed=init_seed, image_size=image_size,
+            max_size=max_size, mask_threshold=mask_threshold, random_boxes=random_boxes, random_seed=random_seed,
+            saliency=SaliencyConfig(seed_pools=pools, threshold=threshold, min_cells=min_cells, nms=nms.value,
+                                    matrix_sigma=matrix_sigma, iou_threshold=iou_threshold, max_masks=max_masks,
+                                    min_score=min_score, max_width_frac=max_width_frac,
+                                    min_center_y_frac=min_center_y_frac))
+        options = RunOptions(batch_size=batch_size, workers=workers, device=resolve_device(device),
+                             shard=parse_shard(shard) if shard else None, limit=limit)
+        result = generate(images_dir, store, settings, options, backbone_weights=backbone_weights)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo(format_summary(store_summary(result)))
+
+
+@store_app.command("info")
+def store_info(path: Annotated[Path, typer.Argument(help="A pseudo-label store.")],
+               as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False):
+    """Images, masks, masks-per-image histogram, settings and size on disk of a store."""
+    from store.export import format_summary, store_summary
+    from store.pseudo_label_store import PseudoLabelStore
+
+    try:
+        summary = store_summary(PseudoLabelStore.open(path))
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+@store_app.command("merge")
+def store_merge(
+    out: Annotated[Path, typer.Argument(help="The merged store; its parts are found next to it by name.")],
+    parts: Annotated[Optional[list[Path]], typer.Option("--part", help="Explicit part stores, in order "
+                                                        "(repeat the option). Default: OUT_STEM.part*-of-N.zarr.")] = None,
+    remove_parts: Annotated[bool, typer.Option(help="Delete the parts after a successful merge.")] = False,
+):
+    """Join the part stores of `sp gen-masks --shard I/N` into one store."""
+    from store.merge import find_parts, merge_stores
+
+    try:
+        merge_stores(parts or find_parts(out), out, remove_parts=remove_parts)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {out}")
+
+
+@store_app.command("export")
+def store_export(
+    path: Annotated[Path, typer.Argument(help="A pseudo-label store.")],
+    coco: Annotated[Optional[Path], typer.Option(help="Write COCO instances JSON (category 'fg').")] = None,
+    h5: Annotated[Optional[Path], typer.Option(help="Write a single-file HDF5 copy.")] = None,
+):
+    """Export a store as COCO JSON and/or HDF5."""
+    from store.export import to_coco, to_hdf5
+    from store.pseudo_label_store import PseudoLabelStore
+
+    if coco is None and h5 is None:
+        fail("give --coco OUT.json and/or --h5 OUT.h5")
+    try:
+        store = PseudoLabelStore.open(path)
+        if coco is not None:
+            to_coco(store, coco)
+            typer.echo(f"wrote {coco}")
+        if h5 is not None:
+            to_hdf5(store, h5)
+            typer.echo(f"wrote {h5}")
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
+@store_app.command("import-coco")
+def store_import_coco(
+    ann: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="COCO instances JSON (images + "
+                                        "annotations) of external pseudo labels (FreeSOLO, CutLER, ...) or ground truth.")],
+    images: Annotated[Path, typer.Option(help="Folder holding the images named in the JSON.")],
+    store: Annotated[Path, typer.Option(help="Output store (.zarr).")],
+    backbone: Backbone = "resnet50",
+    backbone_weights: BackboneWeights = None,
+    image_size: ImageSize = 800,
+    max_size: MaxSize = 1333,
+    batch_size: BatchSize = 8,
+    workers: Workers = 2,
+    device: Device = "auto",
+):
+    """Turn external pseudo labels into a store; seed features are pooled from the backbone inside each mask."""
+    from stages.gen_masks import RunOptions
+    from stages.import_coco import import_coco
+    from store.export import format_summary, store_summary
+
+    try:
+        result = import_coco(ann, images, store, backbone=backbone, backbone_weights=backbone_weights,
+                             image_size=image_size, max_size=max_size,
+                             options=RunOptions(batch_size=batch_size, workers=workers,
+                                                device=resolve_device(device)))
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo(format_summary(store_summary(result)))
+
+
+@app.command("eval-masks")
+def eval_masks(
+    store: Annotated[Path, typer.Argument(help="A pseudo-label store.")],
+    gt: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="COCO instances JSON of the same images.")],
+    out: Annotated[Optional[Path], typer.Option(help="Also write the numbers as JSON.")] = None,
+):
+    """Class-agnostic box and mask AP of the pseudo masks against ground truth (the paper's Table 6)."""
+    from stages.eval_masks import evaluate_pseudo_masks, format_table
+    from store.pseudo_label_store import PseudoLabelStore
+
+    try:
+        result = evaluate_pseudo_masks(PseudoLabelStore.open(store), gt)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo(format_table(result))
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2))
+
+
+@app.command("viz")
+def viz(
+    store: Annotated[Path, typer.Argument(help="A pseudo-label store.")],
+    images: Annotated[Path, typer.Option(help="The images folder the store was generated from.")],
+    out: Annotated[Path, typer.Option(help="Folder for the PNG overlays (and grid.png).")],
+    n: Annotated[int, typer.Option("-n", min=1, help="Number of images to draw.")] = 16,
+):
+    """PNG overlays of pseudo masks with their boxes and scores."""
+    from stages.viz import contact_sheet, draw_overlays
+    from store.pseudo_label_store import PseudoLabelStore
+
+    try:
+        paths = draw_overlays(PseudoLabelStore.open(store), images, out, n=n)
+        contact_sheet(paths, out / "grid.png")
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {len(paths)} overlays and {out / 'grid.png'}")
+
+
+@app.command("demo-data")
+def demo_data(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the synthetic demo dataset into.")],
+    num_unlabeled: Annotated[int, typer.Option(help="Unlabeled images (for gen-masks / pretrain).")] = 48,
+    num_train: Annotated[int, typer.Option(help="Labeled training images.")] = 24,
+    num_val: Annotated[int, typer.Option(help="Labeled validation images.")] = 12,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same files.")] = 0,
+):
+    """Generate the built-in demo data: textured scenes with occluding objects, COCO JSON labels."""
+    from pipeline.demo_data import make_demo_data
+
+    try:
+        paths = make_demo_data(out_dir, num_unlabeled=num_unlabeled, num_train=num_train, num_val=num_val, seed=seed)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    for key, value in paths.items():
+        typer.echo(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    app()

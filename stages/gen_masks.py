@@ -1,0 +1,252 @@
+"""Stage 1, `sp gen-masks`: images → backbone C5 → pseudo masks → pseudo-label store.
+
+The GPU (or CPU) only runs the backbone and the batched saliency step; decoding happens in DataLoader
+workers and RLE encoding plus store writes in a writer thread, so the stage is bound by the backbone.
+The same loop serves every proposal method (saliency, random boxes, imported masks): a method is a
+function from a batch's C5 features to per-image masks.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.backbone import build_backbone, file_sha256
+from models.saliency import SaliencyConfig, image_masks, mask_boxes, select_candidates
+from stages.image_data import Batch, ImageFolder, batch_loader, list_images
+from store import rle
+from store.pseudo_label_store import DONE, SKIPPED, ImageResult, PseudoLabelStore
+
+log = logging.getLogger(__name__)
+METHODS = ("saliency", "random")
+
+
+@dataclass
+class GenerationSettings:
+    """Everything that changes the masks. Its hash names the store (see `settings_hash`)."""
+
+    method: str = "saliency"
+    backbone: str = "resnet50"
+    backbone_weights_sha256: str | None = None  # None: random init from torch.manual_seed(init_seed)
+    init_seed: int = 0
+    image_size: int = 800  # short side of the backbone input
+    max_size: int = 1333  # cap on the long side
+    mask_threshold: float = 0.5  # on the upsampled soft map
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+    random_boxes: int = 20  # --method random: boxes per image
+    random_seed: int = 0
+    source_sha256: str | None = None  # method "import": the imported JSON
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["saliency"]["seed_pools"] = list(d["saliency"]["seed_pools"])
+        return d
+
+
+@dataclass
+class RunOptions:
+    """How to run; none of these change the masks (except batch composition at image borders)."""
+
+    batch_size: int = 8
+    workers: int = 2
+    device: str = "cpu"
+    shard: tuple[int, int] | None = None  # (index, count)
+    limit: int | None = None
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' → (I, N), 0 ≤ I < N."""
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
+def part_path(store: Path, shard: tuple[int, int]) -> Path:
+    """Where shard I of N writes: a sibling of the final store, merged by `sp store merge`."""
+    index, count = shard
+    return store.with_name(f"{store.stem}.part{index:03d}-of-{count:03d}.zarr")
+
+
+def shard_range(num_images: int, shard: tuple[int, int] | None, batch_size: int) -> range:
+    """The images of one shard: contiguous, with bounds on batch boundaries, so that every batch equals the
+    batch a single process would have formed and the merged store equals a single-process store."""
+    if shard is None:
+        return range(num_images)
+    index, count = shard
+    per_shard = math.ceil(math.ceil(num_images / batch_size) / count) * batch_size
+    return range(min(index * per_shard, num_images), min((index + 1) * per_shard, num_images))
+
+
+# ---- proposal methods: (C5 features, batch) → masks, boxes, scores, seeds per image ------------------------
+Proposal = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # masks, box, score, seed, feature
+
+
+def saliency_proposals(c5: torch.Tensor, batch: Batch, settings: GenerationSettings) -> list[Proposal]:
+    cand = select_candidates(c5, batch.grid_valid(c5.shape[-2:]).to(c5.device), settings.saliency)
+    out = []
+    for b in range(len(batch.index)):
+        keep, masks, boxes = image_masks(cand, b, batch.grid_hw[b], batch.resized_hw[b], batch.image_hw[b],
+                                         settings.saliency, settings.mask_threshold)
+        out.append((masks, boxes, cand.score[b, keep], cand.seed[b, keep], cand.seed_feature[b, keep]))
+    return out
+
+
+def pooled_features(c5: torch.Tensor, index: int, masks: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Unit C5 features averaged inside masks given at original resolution. masks: (K, H, W) → (K, D).
+
+    Each C5 cell is weighted by the fraction of it that the mask covers (masks are resized to the backbone
+    input, padded, then average-pooled by 32)."""
+    (gh, gw), (rh, rw) = batch.grid_hw[index], batch.resized_hw[index]
+    unit = F.normalize(c5[index, :, :gh, :gw].float(), dim=0)
+    resized = F.interpolate(masks[None].float(), size=(rh, rw), mode="nearest")[0]
+    cover = F.avg_pool2d(F.pad(resized, (0, gw * 32 - rw, 0, gh * 32 - rh)), 32)  # (K, gh, gw)
+    pooled = torch.einsum("khw,dhw->kd", cover, unit) / cover.sum((1, 2)).clamp_min(1e-6)[:, None]
+    return F.normalize(pooled, dim=1)
+
+
+def random_proposals(c5: torch.Tensor, batch: Batch, settings: GenerationSettings) -> list[Proposal]:
+    """UP-DETR-style random boxes (the paper's Table 7 baseline), seeded per file name so that shards and
+    resumed runs draw the same boxes."""
+    out = []
+    for b, name in enumerate(batch.file_name):
+        height, width = batch.image_hw[b]
+        rng = np.random.default_rng([settings.random_seed, zlib.crc32(name.encode())])
+        size = rng.uniform(0.1, 0.6, (settings.random_boxes, 2)) * (width, height)
+        corner = rng.uniform(0, 1, (settings.random_boxes, 2)) * ((width, height) - size)
+        xyxy = np.round(np.concatenate([corner, corner + size], 1)).astype(int)
+        masks = torch.zeros(len(xyxy), height, width, dtype=torch.bool, device=c5.device)
+        for k, (x1, y1, x2, y2) in enumerate(xyxy):
+            masks[k, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)] = True
+        score = torch.as_tensor(rng.uniform(0, 1, len(xyxy)), dtype=torch.float32, device=c5.device)
+        seed = torch.tensor([[-1, -1, 0]] * len(xyxy), device=c5.device)
+        out.append((masks, mask_boxes(masks), score, seed, pooled_features(c5, b, masks, batch)))
+    return out
+
+
+PROPOSERS: dict[str, Callable] = {"saliency": saliency_proposals, "random": random_proposals}
+
+
+# ---- the run loop -------------------------------------------------------------------------------------------
+def to_results(batch: Batch, proposals: list[Proposal]) -> list[ImageResult]:
+    """Device tensors → numpy results in plan order (RLE is encoded later, in the writer thread)."""
+    results = [ImageResult(index=i, status=SKIPPED, reason=reason) for i, _, reason in batch.failed]
+    for b, (masks, box, score, seed, feature) in enumerate(proposals):
+        height, width = batch.image_hw[b]
+        results.append(ImageResult(
+            index=batch.index[b], height=height, width=width, status=DONE,
+            rle=masks.cpu().numpy(),  # (K, H, W) bool; replaced by the encoded strings in the writer
+            box=box.cpu().numpy().astype(np.float32), score=score.cpu().numpy().astype(np.float32),
+            seed=seed.cpu().numpy().astype(np.int16), seed_feature=feature.cpu().numpy().astype(np.float16)))
+    return sorted(results, key=lambda r: r.index)
+
+
+class StoreWriter(threading.Thread):
+    """Encodes RLE and appends results to the store off the critical path; errors surface in `put`."""
+
+    def __init__(self, store: PseudoLabelStore, on_written: Callable[[list[ImageResult]], None]):
+        super().__init__(daemon=True)
+        self.store, self.on_written = store, on_written
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+
+    def run(self):
+        while (results := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                for r in results:
+                    if r.status == DONE:
+                        r.rle = rle.encode_batch(r.rle)
+                self.store.append(results)
+                self.on_written(results)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                self.error = e
+
+    def put(self, results):
+        if self.error is not None:
+            raise self.error
+        self.queue.put(results)
+
+    def close(self):
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def generate(images_dir: Path, store_path: Path, settings: GenerationSettings, options: RunOptions,
+             backbone_weights: Path | None = None, file_names: list[str] | None = None,
+             proposer: Callable | None = None, extra_attrs: dict | None = None) -> PseudoLabelStore:
+    """Run stage 1 (or resume it) and return the finished store (a part store with --shard).
+
+    file_names: the images to process, relative to images_dir (default: every image in the folder).
+    proposer: the proposal method (default: PROPOSERS[settings.method]).
+    """
+    images_dir = Path(images_dir)
+    names = file_names if file_names is not None else list_images(images_dir)
+    if options.limit is not None:
+        names = names[: options.limit]
+    span = shard_range(len(names), options.shard, options.batch_size)
+    names = names[span.start:span.stop]
+    if options.shard is not None:
+        store_path = part_path(Path(store_path), options.shard)
+    if backbone_weights is not None:
+        settings.backbone_weights_sha256 = file_sha256(backbone_weights)
+    else:
+        torch.manual_seed(settings.init_seed)  # a random backbone must at least be the same on resume
+    backbone = build_backbone(settings.backbone, backbone_weights, out_levels=("c5",)).to(options.device).eval()
+    attrs = {"images_root": str(images_dir.resolve()), "shard": list(options.shard or (0, 1)),
+             "image_range": [span.start, span.stop], "batch_size": options.batch_size, **(extra_attrs or {})}
+    store = PseudoLabelStore.open_for_append(store_path, names, settings.to_dict(),
+                                             backbone.channels["c5"], attrs)
+    if store.complete:
+        log.info("%s is complete already (%d images)", store_path, store.num_images)
+        return store
+    start = store.images_done
+    if start % options.batch_size:
+        log.warning("resuming at image %d, not a multiple of --batch-size %d: the batches differ from the "
+                    "first run's", start, options.batch_size)
+    propose = proposer or PROPOSERS[settings.method]
+    dataset = ImageFolder(images_dir, names[start:], settings.image_size, settings.max_size, first_index=start)
+    bar = tqdm(total=len(names), initial=start, unit="img", desc=f"gen-masks {store_path.name}")
+    stats = {"masks": 0, "skipped": 0}
+
+    def on_written(results):
+        stats["masks"] += sum(len(r.rle) for r in results)
+        stats["skipped"] += sum(r.status == SKIPPED for r in results)
+        bar.update(len(results))
+        bar.set_postfix(masks=stats["masks"], skipped=stats["skipped"])
+
+    writer = StoreWriter(store, on_written)
+    writer.start()
+    try:
+        with torch.inference_mode():
+            for batch in batch_loader(dataset, options.batch_size, options.workers):
+                proposals = []
+                if batch.index:  # not every image of the batch failed to load
+                    c5 = backbone(batch.images.to(options.device, non_blocking=True))["c5"]
+                    proposals = propose(c5, batch, settings)
+                for _, name, reason in batch.failed:
+                    log.warning("skipped %s: %s", name, reason)
+                writer.put(to_results(batch, proposals))
+    finally:
+        writer.close()
+        bar.close()
+    store.finalize()
+    log.info("%s: %d images, %d masks, %d skipped", store_path, store.num_images,
+             store.progress["masks_done"], len(store.skipped))
+    return store

@@ -1,0 +1,74 @@
+"""`sp store import-coco`: external pseudo labels (FreeSOLO, CutLER, ground truth, ...) as a store.
+
+The masks come from the JSON; the backbone only supplies each mask's seed feature (the unit C5 feature
+averaged inside the mask), so kernel supervision works on imported labels too. It reuses the stage-1 loop.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from models.backbone import file_sha256
+from models.saliency import mask_boxes
+from stages.gen_masks import GenerationSettings, RunOptions, generate, pooled_features
+from stages.image_data import Batch
+
+
+def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
+    """(H, W) uint8 mask of a COCO annotation given as polygons, RLE or uncompressed RLE."""
+    seg = ann["segmentation"]
+    if isinstance(seg, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    elif isinstance(seg.get("counts"), list):
+        rle = mask_utils.frPyObjects(seg, height, width)
+    else:
+        rle = seg
+    return mask_utils.decode(rle)
+
+
+def load_coco(ann_path: Path) -> tuple[list[dict], dict[int, list[dict]]]:
+    """Images (in file order) and their non-crowd annotations from a COCO instances JSON."""
+    with open(ann_path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise ValueError(f"{ann_path} is not a COCO instances JSON with 'images' and 'annotations' "
+                         "(a bare results list has no file names; merge it with its dataset's 'images' first)")
+    per_image = defaultdict(list)
+    for ann in data["annotations"]:
+        if not ann.get("iscrowd", 0):
+            per_image[ann["image_id"]].append(ann)
+    return data["images"], per_image
+
+
+def import_coco(ann_path: Path, images_dir: Path, store_path: Path, backbone: str = "resnet50",
+                backbone_weights: Path | None = None, image_size: int = 800, max_size: int = 1333,
+                options: RunOptions | None = None):
+    """Write the masks of `ann_path` into a new (or resumed) store; returns the store."""
+    images, per_image = load_coco(ann_path)
+    records = {img["file_name"]: img for img in images}
+
+    def propose(c5: torch.Tensor, batch: Batch, settings: GenerationSettings):
+        out = []
+        for b, name in enumerate(batch.file_name):
+            img = records[name]
+            height, width = batch.image_hw[b]
+            if (img["height"], img["width"]) != (height, width):
+                raise ValueError(f"{name}: the JSON says {img['height']}x{img['width']}, the file is "
+                                 f"{height}x{width}")
+            anns = per_image.get(img["id"], [])
+            masks = torch.from_numpy(np.stack([annotation_mask(a, height, width) for a in anns])
+                                     if anns else np.zeros((0, height, width), np.uint8)).bool().to(c5.device)
+            score = torch.tensor([float(a.get("score", 1.0)) for a in anns], device=c5.device)
+            seed = torch.tensor([[-1, -1, 0]] * len(anns), device=c5.device).view(-1, 3)
+            out.append((masks, mask_boxes(masks), score, seed, pooled_features(c5, b, masks, batch)))
+        return out
+
+    settings = GenerationSettings(method="import", backbone=backbone, image_size=image_size, max_size=max_size,
+                                  source_sha256=file_sha256(ann_path))
+    return generate(images_dir, store_path, settings, options or RunOptions(), backbone_weights=backbone_weights,
+                    file_names=list(records), proposer=propose, extra_attrs={"source": str(ann_path)})

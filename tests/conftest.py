@@ -1,0 +1,46 @@
+"""Shared fixtures: a small generated demo dataset, tiny generation settings, store comparison."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.demo_data import make_demo_data
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> dict:
+    """A small demo dataset (made once per test session)."""
+    return make_demo_data(tmp_path_factory.mktemp("demo"), num_unlabeled=12, num_train=6, num_val=4, seed=0)
+
+
+@pytest.fixture
+def tiny_settings():
+    """Generation settings that run in seconds on a CPU: ResNet-18 at 128 px, random weights."""
+    from stages.gen_masks import GenerationSettings
+
+    warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+    return GenerationSettings(backbone="resnet18", image_size=128, max_size=192)
+
+
+def assert_stores_equal(a, b, float_atol=0.0):
+    """Two stores hold the same images, masks, RLE strings, seed features and settings.
+
+    float_atol > 0 lets scores and seed features differ by float rounding (e.g. matmuls of other shapes)."""
+    assert a.attrs["settings"] == b.attrs["settings"]
+    assert a.file_names == b.file_names
+    assert a.complete and b.complete
+    assert a.skipped == b.skipped
+    for name in ("height", "width", "status"):
+        np.testing.assert_array_equal(a.image_array(name), b.image_array(name))
+    np.testing.assert_array_equal(a.mask_offset, b.mask_offset)
+    for name in ("box", "seed", "rle_end"):
+        np.testing.assert_array_equal(a.mask_array(name), b.mask_array(name))
+    assert a.rle_images(0, a.num_images) == b.rle_images(0, b.num_images)
+    np.testing.assert_allclose(a.mask_array("score"), b.mask_array("score"), rtol=0, atol=float_atol)
+    np.testing.assert_allclose(a.root["masks/seed_feature"][:].astype(np.float32),
+                               b.root["masks/seed_feature"][:].astype(np.float32), rtol=0, atol=float_atol)

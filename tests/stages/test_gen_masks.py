@@ -1,0 +1,180 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SHARED_DATASETS, assert_stores_equal
+from stages.gen_masks import RunOptions, generate, part_path, shard_range
+from store import rle
+from store.merge import find_parts, merge_stores
+from store.pseudo_label_store import DONE, SKIPPED, PseudoLabelStore, StoreError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_store_holds_full_resolution_masks_with_tight_boxes(demo, tiny_settings, tmp_path):
+    tiny_settings.saliency = type(tiny_settings.saliency)(min_score=0.0)
+    store = generate(demo["unlabeled"], tmp_path / "s.zarr", tiny_settings, RunOptions(batch_size=4, workers=0))
+    assert store.complete and store.num_images == 12
+    assert (store.image_array("status") == DONE).all()
+    heights, widths = store.image_array("height"), store.image_array("width")
+    boxes, offsets = store.mask_array("box"), store.mask_offset
+    assert offsets[-1] > 0
+    for i, (h, w) in enumerate(zip(heights, widths)):
+        with Image.open(Path(demo["unlabeled"]) / store.file_names[i]) as im:
+            assert im.size == (w, h)
+        feats = store.seed_features(i)
+        assert feats.shape == (offsets[i + 1] - offsets[i], 512) and feats.dtype == np.float16
+        np.testing.assert_allclose(np.linalg.norm(feats.astype(np.float32), axis=1), 1, atol=1e-2)
+        for k, counts in enumerate(store.rle(i)):
+            x, y, bw, bh = rle.bbox(counts, h, w)  # the stored xyxy box is the mask's tight box
+            np.testing.assert_array_equal(boxes[offsets[i] + k], [x, y, x + bw, y + bh])
+            assert rle.decode(counts, h, w).any()
+
+
+class CellFeatures(torch.nn.Module):
+    """A stand-in backbone whose C5 cell sees only its own 32x32 pixels: with a ResNet, padding reaches the
+    border cells through the receptive field, so exact equality is only defined for such a backbone."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Parameter(torch.randn(16, 3 * 4, generator=torch.Generator().manual_seed(0)))
+        self.channels = {"c5": 16}
+
+    def forward(self, x):
+        cells = torch.nn.functional.avg_pool2d(x.double(), 8)  # 4x4 sub-cells per C5 cell
+        cells = torch.nn.functional.pixel_unshuffle(cells, 4)[:, [0, 5, 10, 15, 16, 21, 26, 31, 32, 37, 42, 47]]
+        return {"c5": torch.tanh(torch.einsum("dc,bchw->bdhw", self.proj.double(), cells))}
+
+
+def test_padding_in_a_batch_does_not_change_any_mask(demo, tiny_settings, tmp_path, monkeypatch):
+    """Images of different sizes padded into one batch give the masks they give alone (batch size 1)."""
+    monkeypatch.setattr("stages.gen_masks.build_backbone", lambda *a, **k: CellFeatures())
+    tiny_settings.saliency = type(tiny_settings.saliency)(min_score=0.0)
+    one = generate(demo["unlabeled"], tmp_path / "b1.zarr", tiny_settings, RunOptions(batch_size=1, workers=0))
+    four = generate(demo["unlabeled"], tmp_path / "b4.zarr", tiny_settings, RunOptions(batch_size=4, workers=0))
+    assert len(set(zip(one.image_array("height"), one.image_array("width")))) > 1  # padding did happen
+    assert one.mask_offset[-1] > 12
+    assert_stores_equal(one, four, float_atol=1e-3)  # float16 features: 1e-3 is a few ulps
+
+
+def test_corrupt_images_are_skipped_with_their_reason(demo, tiny_settings, tmp_path):
+    folder = tmp_path / "imgs"
+    shutil.copytree(demo["unlabeled"], folder)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    good = sorted(folder.glob("*.jpg"))[0]
+    (folder / "truncated.jpg").write_bytes(good.read_bytes()[:300])
+    store = generate(folder, tmp_path / "s.zarr", tiny_settings, RunOptions(batch_size=4, workers=0))
+    names = store.file_names
+    bad = {names.index("broken.jpg"), names.index("truncated.jpg")}
+    assert set(store.skipped) == bad
+    assert all(reason for reason in store.skipped.values())
+    status = store.image_array("status")
+    assert all(status[i] == SKIPPED for i in bad) and (np.delete(status, list(bad)) == DONE).all()
+
+
+def test_empty_or_missing_folder_is_a_clear_error(tiny_settings, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        generate(tmp_path / "empty", tmp_path / "s.zarr", tiny_settings, RunOptions(workers=0))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        generate(tmp_path / "file.txt", tmp_path / "s.zarr", tiny_settings, RunOptions(workers=0))
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_other_settings_are_refused_naming_the_keys(demo, tiny_settings, tmp_path):
+    generate(demo["unlabeled"], tmp_path / "s.zarr", tiny_settings, RunOptions(batch_size=4, workers=0, limit=4))
+    tiny_settings.image_size = 160
+    with pytest.raises(StoreError, match="image_size: store=128 now=160"):
+        generate(demo["unlabeled"], tmp_path / "s.zarr", tiny_settings, RunOptions(batch_size=4, workers=0, limit=4))
+    tiny_settings.image_size = 128
+    with pytest.raises(StoreError, match="another image list"):
+        generate(demo["unlabeled"], tmp_path / "s.zarr", tiny_settings, RunOptions(batch_size=4, workers=0, limit=8))
+
+
+def test_shards_merge_into_the_single_process_store(demo, tiny_settings, tmp_path):
+    single = generate(demo["unlabeled"], tmp_path / "one.zarr", tiny_settings, RunOptions(batch_size=2, workers=0))
+    for i in range(3):
+        generate(demo["unlabeled"], tmp_path / "s.zarr", tiny_settings,
+                 RunOptions(batch_size=2, workers=0, shard=(i, 3)))
+    parts = find_parts(tmp_path / "s.zarr")
+    assert parts == [part_path(tmp_path / "s.zarr", (i, 3)) for i in range(3)]
+    merged = merge_stores(parts, tmp_path / "s.zarr")
+    assert_stores_equal(merged, single)
+
+
+def test_shard_ranges_cover_every_image_once_on_batch_boundaries():
+    for n, bs, count in [(12, 2, 3), (13, 4, 3), (5, 8, 4), (100, 7, 6)]:
+        ranges = [shard_range(n, (i, count), bs) for i in range(count)]
+        assert [i for r in ranges for i in r] == list(range(n))
+        assert all(r.start % bs == 0 for r in ranges if len(r))
+
+
+def test_merge_refuses_missing_or_unfinished_parts(demo, tiny_settings, tmp_path):
+    generate(demo["unlabeled"], tmp_path / "s.zarr", tiny_settings, RunOptions(batch_size=2, workers=0, shard=(0, 2)))
+    with pytest.raises(StoreError, match="1 of 2 part stores"):
+        find_parts(tmp_path / "s.zarr")
+    progress = json.loads((part_path(tmp_path / "s.zarr", (0, 2)) / "progress.json").read_text())
+    progress["complete"] = False
+    (part_path(tmp_path / "s.zarr", (0, 2)) / "progress.json").write_text(json.dumps(progress))
+    with pytest.raises(StoreError, match="not complete"):
+        merge_stores([part_path(tmp_path / "s.zarr", (0, 2))], tmp_path / "m.zarr")
+
+
+def test_random_method_gives_box_masks_reproducibly(demo, tiny_settings, tmp_path):
+    tiny_settings.method, tiny_settings.random_boxes = "random", 5
+    a = generate(demo["unlabeled"], tmp_path / "a.zarr", tiny_settings, RunOptions(batch_size=4, workers=0, limit=4))
+    b = generate(demo["unlabeled"], tmp_path / "b.zarr", tiny_settings, RunOptions(batch_size=3, workers=0, limit=4))
+    assert a.rle_images(0, 4) == b.rle_images(0, 4)  # boxes are drawn per file, whatever the batches
+    np.testing.assert_array_equal(a.mask_array("score"), b.mask_array("score"))
+    assert (np.diff(a.mask_offset) == 5).all()
+    h, w = a.image_array("height")[0], a.image_array("width")[0]
+    for counts, box in zip(a.rle(0), a.mask_array("box")[:5]):
+        x1, y1, x2, y2 = box.astype(int)
+        assert rle.area(counts, h, w) == (x2 - x1) * (y2 - y1)  # the mask fills its box
+
+
+def _sp(*args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(demo, tmp_path):
+    args = ["gen-masks", str(demo["unlabeled"]), "--backbone", "resnet18", "--image-size", "128",
+            "--max-size", "192", "--batch-size", "2", "--workers", "1", "--device", "cpu", "--min-score", "0.5"]
+    assert _sp(*args, "--store", str(tmp_path / "full.zarr")).wait(timeout=300) == 0
+    victim = tmp_path / "killed.zarr"
+    proc = _sp(*args, "--store", str(victim))
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once some but not all batches are committed
+        progress = victim / "progress.json"
+        if progress.exists() and 2 <= json.loads(progress.read_text())["images_done"] < 10:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted = json.loads((victim / "progress.json").read_text())
+    assert not interrupted["complete"] and interrupted["images_done"] < 12
+    rerun = _sp(*args, "--store", str(victim))
+    out = rerun.communicate(timeout=300)[0].decode()
+    assert rerun.returncode == 0, out
+    assert_stores_equal(PseudoLabelStore.open(victim), PseudoLabelStore.open(tmp_path / "full.zarr"))
+
+
+@pytest.mark.skipif(not any(SHARED_DATASETS.glob("*/SOURCE.md")),
+                    reason=f"no real dataset in {SHARED_DATASETS} yet (see its README.md)")
+def test_real_images_end_to_end(tiny_settings, tmp_path):
+    folder = next(p.parent for p in sorted(SHARED_DATASETS.glob("*/SOURCE.md")))
+    store = generate(folder, tmp_path / "real.zarr", tiny_settings, RunOptions(batch_size=2, workers=0, limit=4))
+    assert store.complete and store.num_images == 4 and (store.image_array("status") == DONE).all()

@@ -47,44 +47,65 @@ class Candidates:
     seed: torch.Tensor
 
 
-def seeds(features: torch.Tensor, valid: torch.Tensor, pools: tuple[int, ...]):
-    """Multi-scale seeds by average pooling of unit features.
+def seed_grid(valid: torch.Tensor, pools: tuple[int, ...]):
+    """The seeds: every cell of C5 average-pooled by each factor in `pools`.
 
-    features: (B, D, h, w) L2-normalised; valid: (B, h, w) bool.
-    Returns seed_feature (B, S, D) unit vectors, seed_valid (B, S) bool (pooling window fully inside the
-    image, as per-image floor-mode pooling would give), seed_pos (S, 3) int64 (y, x, pool).
-    Seeds are ordered by (pool, y, x), so the valid seeds of an image keep the same relative order whatever
-    the padding: this makes tie-breaking in the sorts below padding-independent.
+    valid: (B, h, w) bool. Returns seed_valid (B, S) bool (pooling window fully inside the image, as
+    per-image floor-mode pooling would give) and seed_pos (S, 3) int64 (y, x, pool). Seeds are ordered by
+    (pool, y, x), so the valid seeds of an image keep the same relative order whatever the padding: this
+    makes tie-breaking in the sorts below padding-independent.
     """
-    feats, flags, positions = [], [], []
-    validf = valid[:, None].float()
+    flags, positions = [], []
     for pool in pools:
-        pooled = F.avg_pool2d(features, pool, pool) if pool > 1 else features
-        full = F.avg_pool2d(validf, pool, pool) if pool > 1 else validf
-        gh, gw = pooled.shape[-2:]
-        feats.append(pooled.flatten(2).transpose(1, 2))
+        full = F.avg_pool2d(valid[:, None].float(), pool)[:, 0] if pool > 1 else valid.float()
         flags.append(full.flatten(1) > 0.999)
-        ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        ys, xs = torch.meshgrid(torch.arange(full.shape[1]), torch.arange(full.shape[2]), indexing="ij")
         positions.append(torch.stack([ys.flatten(), xs.flatten(), torch.full_like(ys.flatten(), pool)], 1))
-    seed_feature = F.normalize(torch.cat(feats, 1), dim=-1)
-    return seed_feature, torch.cat(flags, 1), torch.cat(positions, 0).to(features.device)
+    return torch.cat(flags, 1), torch.cat(positions, 0).to(valid.device)
+
+
+def seed_features(unit: torch.Tensor, seed_pos: torch.Tensor) -> torch.Tensor:
+    """Unit seed vectors: L2-normalised mean of the unit features in each seed's window.
+
+    unit: (B, D, h, w); seed_pos: (B, K, 3) (y, x, pool). Returns (B, K, D). Only the kept seeds need
+    their vectors, so this gathers a handful of windows instead of pooling all of C5 at every scale."""
+    out = unit.new_zeros(seed_pos.shape[0], seed_pos.shape[1], unit.shape[1])
+    for b, k in torch.nonzero(seed_pos[..., 2] > 0).tolist():
+        y, x, pool = seed_pos[b, k].tolist()
+        out[b, k] = unit[b, :, y * pool:(y + 1) * pool, x * pool:(x + 1) * pool].mean((1, 2))
+    return F.normalize(out, dim=-1)
 
 
 def saliency_maps(features: torch.Tensor, valid: torch.Tensor, pools: tuple[int, ...] = (1, 2, 4)):
     """Similarity of every seed with every position (Eq. 3), min-max normalised per map (Eq. 4).
 
     features: (B, D, h, w) raw C5; valid: (B, h, w) bool.
-    Returns soft (B, S, h, w) in [0, 1], zero outside the valid region, and the seeds (see `seeds`).
+    Returns soft (B, S, h, w) in [0, 1] (zero outside the valid region), seed_valid (B, S), seed_pos (S, 3)
+    and the unit features (B, D, h, w).
+
+    All scales come from one Gram matrix G = XᵀX of the unit features (one batched matmul, P x P instead of
+    S x D x P): a pooled seed's similarity with x is the window mean of G[x, ·], and its squared norm is
+    the window mean of G over the window's pairs.
     """
     b, _, h, w = features.shape
     unit = F.normalize(features.float(), dim=1)
-    seed_feature, seed_valid, seed_pos = seeds(unit, valid, pools)
-    sim = torch.bmm(seed_feature, unit.flatten(2))  # (B, S, P): one batched matmul
+    flat = unit.flatten(2)
+    gram = torch.bmm(flat.transpose(1, 2), flat).view(b, h * w, h, w)  # [x, seed position]
+    seed_valid, seed_pos = seed_grid(valid, pools)
+    sims = []
+    for pool in pools:
+        pooled = F.avg_pool2d(gram, pool) if pool > 1 else gram  # (B, P, hs, ws): x · mean window
+        hs, ws = pooled.shape[-2:]
+        sim = pooled.flatten(2).transpose(1, 2)  # (B, S_pool, P)
+        window = F.avg_pool2d(sim.reshape(b, hs * ws, h, w), pool) if pool > 1 else sim.view(b, -1, h, w)
+        norm_sq = torch.diagonal(window.flatten(2), dim1=1, dim2=2)  # (B, S_pool): |mean window|^2
+        sims.append(sim / norm_sq.clamp_min(1e-12).sqrt()[:, :, None])
+    sim = torch.cat(sims, 1)
     inside = valid.flatten(1)[:, None, :]
     low = sim.masked_fill(~inside, float("inf")).amin(-1, keepdim=True)
     high = sim.masked_fill(~inside, float("-inf")).amax(-1, keepdim=True)
     soft = ((sim - low) / (high - low).clamp_min(1e-6)).masked_fill(~inside, 0.0)
-    return soft.view(b, -1, h, w), seed_feature, seed_valid, seed_pos
+    return soft.view(b, -1, h, w), seed_valid, seed_pos, unit
 
 
 def mask_iou(masks: torch.Tensor) -> torch.Tensor:
@@ -141,7 +162,7 @@ def select_candidates(features: torch.Tensor, valid: torch.Tensor, cfg: Saliency
     features: (B, D, h, w) C5; valid: (B, h, w) bool. The size and position filters need the image-size
     masks and are applied by the caller after upsampling (see `stages.gen_masks`).
     """
-    soft, seed_feature, seed_valid, seed_pos = saliency_maps(features, valid, cfg.seed_pools)
+    soft, seed_valid, seed_pos, unit = saliency_maps(features, valid, cfg.seed_pools)
     b, s, h, w = soft.shape
     binary = (soft > cfg.threshold).flatten(2).float()  # (B, S, P)
     area = binary.sum(-1)
@@ -164,11 +185,12 @@ def select_candidates(features: torch.Tensor, valid: torch.Tensor, cfg: Saliency
     best = _stable_desc(score)[:, : min(cfg.max_masks, s)]
     top = order.gather(1, best)  # seed indices of the best candidates after NMS
     top_score = score.gather(1, best)
+    seed = seed_pos[top]
     return Candidates(
         soft=soft.gather(1, top[:, :, None, None].expand(-1, -1, h, w)),
         score=top_score,
-        seed_feature=seed_feature.gather(1, top[:, :, None].expand(-1, -1, seed_feature.shape[-1])),
-        seed=seed_pos[top],
+        seed_feature=seed_features(unit, seed.masked_fill((top_score < 0)[:, :, None], 0)),
+        seed=seed,
     )
 
 

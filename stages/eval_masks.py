@@ -69,9 +69,10 @@ def _coco_stats(gt: COCO, dt: COCO, iou_type: str, image_ids: list[int]) -> dict
     ev = COCOeval(gt, dt, iou_type)
     ev.params.imgIds = image_ids
     ev.params.maxDets = MAX_DETS
-    with _quiet(f"COCOeval {iou_type}", logging.INFO):
+    with _quiet(f"COCOeval {iou_type}"):
         ev.evaluate()
         ev.accumulate()
+    with _quiet(f"class-agnostic {iou_type} AP of the pseudo masks", logging.INFO):
         ev.summarize()
     return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
 
@@ -93,13 +94,12 @@ def evaluate_pseudo_masks(store: PseudoLabelStore, gt_json: Path) -> dict:
                     n_done - len(ids), n_done, gt_json)
     image_ids = sorted(set(ids.values()))
     results = to_coco_results(store, gt.dataset)
-    # Box AP ranks results by their boxes. Mask AP must not see the boxes: loadRes would then take the box
+    # Box AP matches results by their boxes. Mask AP must not see the boxes: loadRes would then take the box
     # area as the instance area and sort masks into the wrong small/medium/large range.
     masks_only = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     result = {"bbox": _coco_stats(gt, _load_results(gt, results), "bbox", image_ids),
               "segm": _coco_stats(gt, _load_results(gt, masks_only), "segm", image_ids),
               "images": len(image_ids), "images_without_gt": n_done - len(ids), "masks": len(results)}
-    log.info("pseudo masks vs %s:\n%s", gt_json, format_table(result))
     return result
 
 
@@ -110,6 +110,8 @@ def format_table(result: dict) -> str:
     for label, key in (("box", "bbox"), ("mask", "segm")):
         cells = [f"{100 * result[key][n]:7.1f}" if result[key][n] >= 0 else f"{'-':>7}" for n in names]
         lines.append(f"{label:6}" + "".join(cells))
-    lines.append(f"{result['images']} images, {result['masks']} pseudo masks"
-                 + (f"; {result['images_without_gt']} store images without GT" if result["images_without_gt"] else ""))
+    footer = f"{result['images']} images, {result['masks']} pseudo masks"
+    if result["images_without_gt"]:
+        footer += f"; {result['images_without_gt']} store images without GT"
+    lines.append(footer)
     return "\n".join(lines)

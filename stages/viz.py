@@ -78,7 +78,7 @@ def contact_sheet(paths: list[Path], out_png: Path, columns: int = 4, thumb: int
     """Tile the images at paths into one grid PNG: each shrunk (aspect kept) to fit a thumb x thumb cell,
     `columns` cells per row, row-major in the given order. Returns out_png."""
     if not paths:
-        raise ValueError("contact_sheet needs at least one image")
+        raise ValueError("no images to tile into a contact sheet (the store has no done images?)")
     rows = math.ceil(len(paths) / columns)
     sheet = Image.new("RGB", (min(columns, len(paths)) * thumb, rows * thumb), BACKGROUND)
     for k, path in enumerate(paths):

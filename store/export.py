@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,11 +108,13 @@ def _size(n: float | None) -> str:
 def format_summary(summary: dict) -> str:
     """Readable multi-line text of `store_summary`'s dict, for `sp store info`."""
     s = summary
-    state = "complete" if s["complete"] else f"INCOMPLETE ({s['images_committed']} of {s['images_planned']} committed)"
+    state = ("complete" if s["complete"]
+             else f"INCOMPLETE ({s['images_committed']} of {s['images_planned']} committed)")
     lines = [
         f"store         {s['path']}  [{state}]",
         f"images        {s['images_planned']} planned, {s['images_done']} done, {s['images_skipped']} skipped",
-        f"masks         {s['masks']}  (mean {s['masks_per_image_mean']:.2f} / image, max {s['masks_per_image_max']})",
+        f"masks         {s['masks']}  (mean {s['masks_per_image_mean']:.2f} / image, "
+        f"max {s['masks_per_image_max']})",
         "masks/image   " + "  ".join(f"{k}: {v}" for k, v in s["masks_per_image_histogram"].items()),
         f"disk          {_size(s['disk_bytes'])}  ({_size(s['bytes_per_image'])} / image, "
         f"{_size(s['bytes_per_mask'])} / mask)",
@@ -166,18 +169,21 @@ def gt_image_ids(store: PseudoLabelStore, gt: dict) -> dict[int, int]:
     """Store index → GT image id for the DONE images whose file_name is in the GT dataset dict.
 
     A store name matches a GT file_name equal to it, or else one with the same basename (GT JSONs often
-    hold bare names while the store holds paths relative to the images folder); ambiguous basenames are
-    not used.
+    hold bare names while the store holds paths relative to the images folder); a basename that occurs
+    twice in the GT or in the store is not used, so that no two store images share a GT image.
     """
     by_name = {im["file_name"]: im["id"] for im in gt["images"]}
     by_base: dict[str, int | None] = {}
     for name, image_id in by_name.items():
         base = os.path.basename(name)
         by_base[base] = None if base in by_base else image_id
+    names = store.file_names[:store.images_done]
+    store_bases = Counter(os.path.basename(n) for n in names)
     status = store.image_array("status")
     out = {}
-    for i, name in enumerate(store.file_names[:store.images_done]):
-        image_id = by_name.get(name, by_base.get(os.path.basename(name)))
+    for i, name in enumerate(names):
+        base = os.path.basename(name)
+        image_id = by_name.get(name, by_base.get(base) if store_bases[base] == 1 else None)
         if status[i] == DONE and image_id is not None:
             out[i] = image_id
     return out

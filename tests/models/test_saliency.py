@@ -71,7 +71,7 @@ def naive_saliency(f, pools):
 
 def test_saliency_maps_equal_per_seed_loop():
     f = scene_features(9, 11)
-    soft, _, seed_valid, _ = saliency_maps(f[None], torch.ones(1, 9, 11, dtype=torch.bool))
+    soft, seed_valid, _, _ = saliency_maps(f[None], torch.ones(1, 9, 11, dtype=torch.bool))
     torch.testing.assert_close(soft[0][seed_valid[0]], naive_saliency(f, (1, 2, 4)), atol=1e-5, rtol=1e-5)
     assert seed_valid[0].sum() == 9 * 11 + 4 * 5 + 2 * 2
 
@@ -145,3 +145,17 @@ def test_filters_drop_top_band_and_full_width_masks():
     assert boxes[0].tolist() == [96, 160, 192, 256]
     low = SaliencyConfig(min_score=0.95)
     assert image_masks(cand, 0, (10, 10), (320, 320), (320, 320), low)[0].numel() == 0
+
+
+def test_kept_seed_features_are_their_window_means():
+    f = scene_features(8, 8)
+    cand = select_candidates(f[None], torch.ones(1, 8, 8, dtype=torch.bool), SaliencyConfig(max_masks=6))
+    unit = f / f.norm(dim=0, keepdim=True)
+    assert (cand.score[0] >= 0).sum() >= 3
+    for k in torch.nonzero(cand.score[0] >= 0).flatten().tolist():
+        y, x, pool = cand.seed[0, k].tolist()
+        mean = unit[:, y * pool:(y + 1) * pool, x * pool:(x + 1) * pool].mean((1, 2))
+        torch.testing.assert_close(cand.seed_feature[0, k], mean / mean.norm())
+        # the kept map is this seed's similarity map
+        sim = (mean / mean.norm())[:, None, None].mul(unit).sum(0)
+        torch.testing.assert_close(cand.soft[0, k], (sim - sim.min()) / (sim.max() - sim.min()), atol=1e-5, rtol=0)

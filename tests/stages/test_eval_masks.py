@@ -30,12 +30,15 @@ def rect(y1, x1, y2, x2):
     return m
 
 
-# GT objects of three images in two categories (the evaluation must ignore the categories).
+# GT objects of three images in two categories (the evaluation must ignore the categories), and of an
+# image that no store here has (it must not be evaluated).
 GT_MASKS = {
     "a.png": [(ellipse(20, 20, 10, 14), 1), (rect(40, 5, 60, 30), 2), (ellipse(50, 50, 6, 6), 1)],
     "b.png": [(rect(2, 2, 12, 12), 2), (ellipse(40, 40, 20, 18), 1)],
     "c.png": [(rect(10, 30, 50, 60), 1), (ellipse(30, 10, 9, 5), 2), (rect(55, 40, 63, 63), 2)],
+    "unseen.png": [(rect(10, 10, 30, 30), 1)],
 }
+STORE_IMAGES = ["a.png", "b.png", "c.png"]
 
 
 def encode(mask):
@@ -87,12 +90,14 @@ def pycocotools_stats(gt_json, pseudo):
     gt.dataset = dataset
     gt.createIndex()
     ids = {im["file_name"]: im["id"] for im in dataset["images"]}
+    image_ids = sorted(ids[name] for name in pseudo)
     segm = [{"image_id": ids[name], "category_id": 1, "segmentation": encode(m), "score": s}
             for name, objects in pseudo.items() for m, s in objects]
     bbox = [{**r, "bbox": coco_mask.toBbox(r["segmentation"]).tolist()} for r in copy.deepcopy(segm)]
     out = {}
     for iou_type, results in (("bbox", bbox), ("segm", segm)):
         ev = COCOeval(gt, gt.loadRes(results), iou_type)
+        ev.params.imgIds = image_ids
         ev.params.maxDets = [1, 10, 100]
         ev.evaluate()
         ev.accumulate()
@@ -102,7 +107,7 @@ def pycocotools_stats(gt_json, pseudo):
 
 
 def test_gt_masks_score_ap_1(gt_json, tmp_path):
-    pseudo = {name: [(m, 1.0) for m, _ in objects] for name, objects in GT_MASKS.items()}
+    pseudo = {name: [(m, 1.0) for m, _ in GT_MASKS[name]] for name in STORE_IMAGES}
     result = evaluate_pseudo_masks(make_store(tmp_path / "s.zarr", pseudo), gt_json)
     assert result["images"] == 3 and result["masks"] == 8 and result["images_without_gt"] == 0
     for iou_type in ("bbox", "segm"):
@@ -111,26 +116,28 @@ def test_gt_masks_score_ap_1(gt_json, tmp_path):
 
 
 def test_shifted_masks_score_ap_0(gt_json, tmp_path):
-    pseudo = {name: [(np.roll(m, SHIFT, axis=1), 1.0) for m, _ in objects] for name, objects in GT_MASKS.items()}
+    pseudo = {name: [(np.roll(m, SHIFT, axis=1), 1.0) for m, _ in GT_MASKS[name]] for name in STORE_IMAGES}
     result = evaluate_pseudo_masks(make_store(tmp_path / "s.zarr", pseudo), gt_json)
     for iou_type in ("bbox", "segm"):
         assert result[iou_type]["AP"] == 0 and result[iou_type]["AP50"] == 0 and result[iou_type]["AR100"] == 0
 
 
 def test_no_masks_score_ap_0(gt_json, tmp_path):
-    result = evaluate_pseudo_masks(make_store(tmp_path / "s.zarr", {n: [] for n in GT_MASKS}), gt_json)
+    result = evaluate_pseudo_masks(make_store(tmp_path / "s.zarr", {n: [] for n in STORE_IMAGES}), gt_json)
     assert result["masks"] == 0 and result["segm"]["AP"] == 0 and result["bbox"]["AP50"] == 0
 
 
 def test_half_the_masks_equal_a_direct_cocoeval(gt_json, tmp_path, caplog):
-    # Every other GT mask, a confident false positive, a loose box around one object, and an image that
+    # Every other GT mask, confident false positives, a loose box around one object, and an image that
     # the GT does not have: AP is strictly between 0 and 1, and must be what COCOeval itself says.
-    objects = [m for _, objs in GT_MASKS.items() for m, _ in objs]
-    kept = {name: [(m, 0.9 - 0.1 * k) for k, (m, _) in enumerate(objs) if k % 2 == 0]
-            for name, objs in GT_MASKS.items()}
+    kept = {name: [(m, 0.9 - 0.1 * k) for k, (m, _) in enumerate(GT_MASKS[name]) if k % 2 == 0]
+            for name in STORE_IMAGES}
     kept["a.png"].append((rect(0, 100, 30, 150), 0.95))
     kept["c.png"].append((rect(8, 26, 54, 66), 0.5))
-    extra = {"not_in_gt.png": [(objects[0], 0.99)]}
+    # A hollow square: small by mask area, medium by box area; only correct for mask AP if the mask
+    # area decides its size range.
+    kept["b.png"].append((rect(20, 100, 60, 140) & ~rect(22, 102, 58, 138), 0.85))
+    extra = {"not_in_gt.png": [(GT_MASKS["a.png"][0][0], 0.99)]}
     store = make_store(tmp_path / "s.zarr", {**kept, **extra})
     with caplog.at_level(logging.INFO, logger="stages.eval_masks"):
         result = evaluate_pseudo_masks(store, gt_json)

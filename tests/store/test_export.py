@@ -80,7 +80,7 @@ def test_coco_json_holds_the_stored_masks(store_and_masks, tmp_path):
     coco = COCO(str(out))
     # Image 1 is skipped: ids are index + 1 of the others.
     assert sorted(coco.getImgIds()) == [1, 3, 4, 5]
-    assert coco.imgs[4]["file_name"] == "sub/img3.png" and (coco.imgs[4]["height"], coco.imgs[4]["width"]) == (24, 32)
+    assert coco.imgs[4] == {"id": 4, "file_name": "sub/img3.png", "height": 24, "width": 32}
     assert written["categories"] == [{"id": 1, "name": "fg", "supercategory": "fg"}]
     assert written["info"]["settings_hash"] == store.attrs["settings_hash"]
     assert written["info"]["settings"] == SETTINGS
@@ -122,9 +122,16 @@ def test_coco_results_map_file_names_to_gt_ids(store_and_masks):
         np.testing.assert_array_equal(r["bbox"], coco_mask.toBbox(seg))
 
 
-def test_ambiguous_basename_is_not_matched(store_and_masks):
+def test_ambiguous_basename_is_not_matched(store_and_masks, tmp_path):
     gt = {"images": [{"id": 1, "file_name": "a/img0.png"}, {"id": 2, "file_name": "b/img0.png"}]}
     assert gt_image_ids(store_and_masks[0], gt) == {}
+    # Two store images x/img.png and y/img.png: only the exact match maps, never both to one GT image.
+    store = PseudoLabelStore.create(tmp_path / "two.zarr", ["x/img.png", "y/img.png"], SETTINGS, FEATURE_DIM)
+    store.append([ImageResult(index=i, height=4, width=4, box=np.zeros((0, 4), np.float32),
+                              score=np.zeros(0, np.float32), seed=np.zeros((0, 3), np.int16),
+                              seed_feature=np.zeros((0, FEATURE_DIM), np.float16)) for i in range(2)])
+    assert gt_image_ids(store, {"images": [{"id": 3, "file_name": "img.png"}]}) == {}
+    assert gt_image_ids(store, {"images": [{"id": 3, "file_name": "y/img.png"}]}) == {1: 3}
 
 
 def test_hdf5_round_trip(store_and_masks, tmp_path):
@@ -157,24 +164,24 @@ def test_hdf5_refuses_an_incomplete_store(tmp_path):
 
 
 def test_summary_counts_and_histogram(tmp_path):
-    counts = [0, 1, 3, 4, 5, 9, 12, 25, 2, 7]
-    store, _ = build_store(tmp_path / "s.zarr", counts, skip={8, 9})
+    # Counts on both edges of every bin; images 9 and 10 are skipped.
+    counts = [0, 1, 2, 4, 5, 9, 10, 19, 20, 2, 7]
+    store, _ = build_store(tmp_path / "s.zarr", counts, skip={9, 10})
     s = store_summary(store)
-    done = [0, 1, 3, 4, 5, 9, 12, 25]
-    assert (s["images_planned"], s["images_committed"], s["images_done"], s["images_skipped"]) == (10, 10, 8, 2)
-    assert s["masks"] == sum(done) == 59
-    assert s["masks_per_image_histogram"] == {"0": 1, "1": 1, "2-4": 2, "5-9": 2, "10-19": 1, "20+": 1}
-    assert s["masks_per_image_mean"] == pytest.approx(59 / 8)
-    assert s["masks_per_image_max"] == 25
-    assert s["skipped_examples"] == [{"index": 8, "file_name": "sub/img8.png", "reason": "broken 8"},
-                                     {"index": 9, "file_name": "sub/img9.png", "reason": "broken 9"}]
+    assert (s["images_planned"], s["images_committed"], s["images_done"], s["images_skipped"]) == (11, 11, 9, 2)
+    assert s["masks"] == sum(counts[:9]) == 70
+    assert s["masks_per_image_histogram"] == {"0": 1, "1": 1, "2-4": 2, "5-9": 2, "10-19": 2, "20+": 1}
+    assert s["masks_per_image_mean"] == pytest.approx(70 / 9)
+    assert s["masks_per_image_max"] == 20
+    assert s["skipped_examples"] == [{"index": 9, "file_name": "sub/img9.png", "reason": "broken 9"},
+                                     {"index": 10, "file_name": "sub/img10.png", "reason": "broken 10"}]
     assert s["settings"] == SETTINGS and s["settings_hash"] == store.attrs["settings_hash"]
     assert s["feature_dim"] == FEATURE_DIM and s["complete"] is True
     disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp_path / "s.zarr") for f in fs)
     assert s["disk_bytes"] == disk > 0
-    assert s["bytes_per_image"] == pytest.approx(disk / 8) and s["bytes_per_mask"] == pytest.approx(disk / 59)
+    assert s["bytes_per_image"] == pytest.approx(disk / 9) and s["bytes_per_mask"] == pytest.approx(disk / 70)
     text = format_summary(s)
-    for needle in ("10 planned, 8 done, 2 skipped", "59", "20+: 1", "[8] sub/img8.png: broken 8",
+    for needle in ("11 planned, 9 done, 2 skipped", "70", "20+: 1", "[9] sub/img9.png: broken 9",
                    store.attrs["settings_hash"], "image_size = 32"):
         assert needle in text
 

@@ -1,0 +1,157 @@
+"""Stage-1 throughput, its breakdown, the saliency step against a per-seed loop, and peak memory.
+
+    python bench/gen_masks.py --images 32 --image-size 512 --backbone resnet50 --batch-size 4
+    python bench/gen_masks.py --memory 100 1000   # peak RSS of whole runs (ResNet-18, 256 px)
+
+Images come from `sp demo-data` (480x640, like COCO), written once under --work. Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.backbone import build_backbone  # noqa: E402
+from models.saliency import SaliencyConfig, saliency_maps, select_candidates  # noqa: E402
+from pipeline.demo_data import make_demo_data  # noqa: E402
+from stages.gen_masks import GenerationSettings, RunOptions, generate, saliency_proposals, to_results  # noqa: E402
+from stages.image_data import ImageFolder, batch_loader, list_images  # noqa: E402
+from store import rle  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+
+
+def demo_images(work: Path, count: int) -> Path:
+    folder = work / f"demo{count}"
+    if not (folder / "unlabeled").is_dir():
+        make_demo_data(folder, num_unlabeled=count, num_train=1, num_val=1, image_size=(480, 640))
+    return folder / "unlabeled"
+
+
+def per_seed_loop(c5: torch.Tensor, pools=(1, 2, 4)) -> torch.Tensor:
+    """Eq. 3-4 written the straightforward way: one seed at a time, one similarity map each."""
+    unit = F.normalize(c5, dim=0)
+    d, h, w = unit.shape
+    maps = []
+    for pool in pools:
+        pooled = F.avg_pool2d(unit[None], pool)[0] if pool > 1 else unit
+        for y in range(pooled.shape[1]):
+            for x in range(pooled.shape[2]):
+                seed = F.normalize(pooled[:, y, x], dim=0)
+                sim = (seed[:, None, None] * unit).sum(0)
+                sim = sim - sim.min()
+                maps.append(sim / sim.max())
+    return torch.stack(maps)
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def throughput(args) -> dict:
+    images = demo_images(args.work, args.images)
+    names = list_images(images)
+    settings = GenerationSettings(backbone=args.backbone, image_size=args.image_size, max_size=args.max_size)
+    backbone = build_backbone(args.backbone, None, out_levels=("c5",)).eval()
+    loader = lambda: batch_loader(ImageFolder(images, names, args.image_size, args.max_size),  # noqa: E731
+                                  args.batch_size, args.workers)
+    # Warm-up: numba compilation and the first allocator growth are not part of steady state.
+    with torch.inference_mode():
+        for batch in loader():
+            results = to_results(batch, saliency_proposals(backbone(batch.images)["c5"], batch, settings))
+            [rle.encode_batch(r.rle) for r in results]
+            break
+    t = {"decode": 0.0, "backbone": 0.0, "saliency_nms": 0.0, "encode": 0.0}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        tick = time.perf_counter()
+        for batch in loader():
+            t["decode"] += time.perf_counter() - tick  # time spent waiting for decoded batches
+            c5, dt = timed(lambda: backbone(batch.images)["c5"])
+            t["backbone"] += dt
+            proposals, dt = timed(saliency_proposals, c5, batch, settings)
+            t["saliency_nms"] += dt
+            results = to_results(batch, proposals)
+            _, dt = timed(lambda: [rle.encode_batch(r.rle) for r in results])
+            t["encode"] += dt
+            tick = time.perf_counter()
+    breakdown_total = time.perf_counter() - start
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for b in loader():
+            backbone(b.images)
+        backbone_only = time.perf_counter() - start
+    store = args.work / f"bench-{args.backbone}-{args.image_size}-{args.images}.zarr"
+    subprocess.run(["rm", "-rf", str(store)], check=True)
+    options = RunOptions(batch_size=args.batch_size, workers=args.workers)
+    _, whole = timed(generate, images, store, settings, options)
+    # The saliency part alone (Eq. 3-4) on the C5 of one image, against the per-seed loop.
+    with torch.inference_mode():
+        batch = next(iter(loader()))
+        gh, gw = batch.grid_hw[0]
+        c5 = backbone(batch.images[:1])["c5"][0, :, :gh, :gw]
+        valid = torch.ones(1, gh, gw, dtype=torch.bool)
+        _, vec = timed(lambda: [saliency_maps(c5[None], valid) for _ in range(5)])
+        _, full = timed(lambda: [select_candidates(c5[None], valid, SaliencyConfig()) for _ in range(5)])
+        _, loop = timed(per_seed_loop, c5)
+    n = len(names)
+    return {
+        "images": n, "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
+        "workers": args.workers, "threads": torch.get_num_threads(), "c5_grid": [gh, gw],
+        "whole_command_img_s": n / whole, "backbone_only_img_s": n / backbone_only,
+        "ratio_whole_to_backbone_only": backbone_only / whole,
+        "breakdown_s_per_img": {k: v / n for k, v in t.items()}, "breakdown_total_img_s": n / breakdown_total,
+        "saliency_vectorised_ms": vec / 5 * 1000, "saliency_per_seed_loop_ms": loop * 1000,
+        "saliency_plus_nms_ms": full / 5 * 1000,
+        "saliency_speedup": loop / (vec / 5),
+    }
+
+
+def memory_child(count: int, work: Path) -> None:
+    images = demo_images(work, count)
+    store = work / f"mem{count}.zarr"
+    subprocess.run(["rm", "-rf", str(store)], check=True)
+    generate(images, store, GenerationSettings(backbone="resnet18", image_size=256, max_size=427),
+             RunOptions(batch_size=8, workers=1))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"images": count, "peak_rss_mib_main": rss,
+                      "peak_rss_mib_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--max-size", type=int, default=853)
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/sp-bench"))
+    parser.add_argument("--memory", type=int, nargs="*", help="peak memory runs for these image counts")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.memory_child:
+        return memory_child(args.memory_child, args.work)
+    if args.memory:
+        for count in args.memory:
+            out = subprocess.run([sys.executable, __file__, "--memory-child", str(count), "--work", str(args.work)],
+                                 check=True, capture_output=True, text=True).stdout
+            print(out.strip().splitlines()[-1])
+        return
+    print(json.dumps(throughput(args), indent=2))
+
+
+if __name__ == "__main__":
+    main()

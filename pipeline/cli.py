@@ -234,6 +234,76 @@ def viz(
     typer.echo(f"wrote {len(paths)} overlays and {out / 'grid.png'}")
 
 
+class Prompt(str, Enum):
+    cosine = "cosine"
+    sequential = "sequential"
+    random = "random"
+    none = "none"
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    store: Annotated[Path, typer.Option(help="Pseudo-label store from `sp gen-masks` (or import-coco).")],
+    images: Annotated[Path, typer.Option(help="The images folder the store was generated from.")],
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints (last.pth, epoch_NNN.pth, final.pth), "
+                                      "metrics.jsonl, TensorBoard logs when tensorboard is installed.")],
+    model: Annotated[str, typer.Option(help="Query-based model; knet is implemented.")] = "knet",
+    small: Annotated[bool, typer.Option(help="CPU-sized K-Net (ResNet-18, 64 channels, 16 kernels) for "
+                                        "smoke runs and the demo; overrides --backbone.")] = False,
+    backbone: Backbone = "resnet50",
+    backbone_weights: BackboneWeights = None,
+    num_kernels: Annotated[Optional[int], typer.Option(help="Number of kernels N (default 100; 16 with --small).")] = None,
+    freeze_backbone: Annotated[bool, typer.Option(help="Freeze the whole backbone, as the authors did.")] = True,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 12,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step and process.")] = 2,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 1000,
+    lr_steps: Annotated[list[int], typer.Option(help="Epochs at which the lr is multiplied by 0.1 (repeat the option).")] = [8, 11],
+    clip_norm: Annotated[float, typer.Option(help="Gradient clipping max-norm.")] = 1.0,
+    prompt: Annotated[Prompt, typer.Option(help="Prompt-kernel assignment: cosine (the paper), sequential, "
+                                           "random, or none (pseudo masks only).")] = Prompt.cosine,
+    prompt_drop: Annotated[float, typer.Option(help="Probability of dropping each kernel's prompt.")] = 0.1,
+    kernel_loss_weight: Annotated[float, typer.Option(help="Weight of kernel supervision (Eq. 9); 0 disables it.")] = 1.0,
+    image_size: ImageSize = 800,
+    max_size: MaxSize = 1333,
+    flip_prob: Annotated[float, typer.Option(help="Horizontal flip probability.")] = 0.5,
+    workers: Workers = 2,
+    device: Device = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, data order, flips and prompt dropout.")] = 0,
+    log_every: Annotated[int, typer.Option(help="Steps between metrics records.")] = 10,
+    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: per epoch only).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth exactly where it stopped.")] = False,
+):
+    """Stage 2a: pre-train K-Net on the pseudo-label store with Saliency Prompts and kernel supervision.
+    Multi-GPU: `torchrun --nproc_per_node N -m pipeline.cli pretrain ...`."""
+    from models.knet import KNetConfig
+    from models.saliency_prompt import PromptConfig
+    from stages.pretrain import PretrainConfig, pretrain
+    from stages.training import Schedule
+
+    if model != "knet":
+        fail(f"--model {model}: only knet is implemented")
+    frozen = 4 if freeze_backbone else 1
+    knet = KNetConfig.small(num_classes=1, frozen_stages=frozen) if small else \
+        KNetConfig(backbone=backbone, num_classes=1, frozen_stages=frozen)
+    if num_kernels:
+        knet.num_kernels = num_kernels
+    cfg = PretrainConfig(
+        store=store, images=images, out=out, model=knet, backbone_weights=backbone_weights, epochs=epochs,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        schedule=Schedule(warmup_steps=warmup_steps, lr_steps=tuple(lr_steps)), clip_norm=clip_norm,
+        prompt=PromptConfig(mode=prompt.value, drop_prob=prompt_drop), kernel_loss_weight=kernel_loss_weight,
+        image_size=image_size, max_size=max_size, flip_prob=flip_prob, workers=workers,
+        device=resolve_device(device), seed=seed, log_every=log_every, checkpoint_every=checkpoint_every,
+        resume=resume)
+    try:
+        final = pretrain(cfg)
+    except (ValueError, OSError, FloatingPointError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {final}")
+
+
 @app.command("demo-data")
 def demo_data(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the synthetic demo dataset into.")],

@@ -1,0 +1,127 @@
+"""Pre-training data: images with their pseudo masks, boxes and seed features, read from the store.
+
+Per-image metadata lives in numpy arrays (fixed-width bytes for names), never in Python lists of objects, so
+DataLoader workers share it copy-on-write and memory stays flat with the store's size. The zarr store is
+opened lazily in each worker. Randomness (the flip) is a function of (seed, epoch, image), so a resumed run
+sees exactly the samples an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+from models.backbone import IMAGENET_MEAN, IMAGENET_STD
+from stages.image_data import STRIDE, load_image, resized_size
+from store import rle
+from store.pseudo_label_store import DONE, PseudoLabelStore, StoreError
+
+
+class PseudoLabelDataset(Dataset):
+    """Item: dict(image (3, Hr, Wr) float, masks (L, Hr, Wr) bool, boxes (L, 4) xyxy in resized pixels,
+    seed_features (L, D) float32, index)."""
+
+    def __init__(self, store_path: Path, images_dir: Path, image_size: int, max_size: int,
+                 flip_prob: float = 0.5, seed: int = 0):
+        store = PseudoLabelStore.open(store_path)
+        if not store.complete:
+            raise StoreError(f"{store_path} is not complete ({store.images_done} of {store.num_images} images); "
+                             "finish `sp gen-masks` (or `sp store merge`) first")
+        self.store_path, self.images_dir = Path(store_path), Path(images_dir)
+        self.image_size, self.max_size, self.flip_prob, self.seed = image_size, max_size, flip_prob, seed
+        self.settings_hash = store.attrs["settings_hash"]
+        self.feature_dim = int(store.attrs["feature_dim"])
+        self.images = np.nonzero(store.image_array("status") == DONE)[0]
+        self.names = np.array([n.encode() for n in store.file_names], dtype=np.bytes_)
+        self.heights = store.image_array("height").copy()
+        self.widths = store.image_array("width").copy()
+        self.offsets = store.mask_offset.copy()
+        self.boxes = store.mask_array("box").copy()
+        self.epoch = 0
+        self._store: PseudoLabelStore | None = None
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        missing = [self.names[i].decode() for i in self.images[:1] if not (self.images_dir / self.names[i].decode()).exists()]
+        if missing:
+            raise FileNotFoundError(f"{self.images_dir / missing[0]} does not exist: is --images the folder "
+                                    f"the store was generated from ({store.attrs.get('images_root')})?")
+
+    def __len__(self):
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, k: int) -> dict:
+        if self._store is None:
+            self._store = PseudoLabelStore.open(self.store_path)
+        i = int(self.images[k])
+        name, height, width = self.names[i].decode(), int(self.heights[i]), int(self.widths[i])
+        im = load_image(self.images_dir / name)
+        if im.size != (width, height):
+            raise ValueError(f"{name} is {im.size[1]}x{im.size[0]} but the store says {height}x{width}")
+        rh, rw = resized_size(height, width, self.image_size, self.max_size)
+        pixels = torch.from_numpy(np.asarray(im.resize((rw, rh))).copy()).permute(2, 0, 1).float() / 255.0
+        image = (pixels - self.mean) / self.std
+        counts = self._store.rle(i)
+        if counts:
+            masks = torch.from_numpy(np.stack([rle.decode(c, height, width) for c in counts]))
+            masks = F.interpolate(masks[None].float(), size=(rh, rw), mode="nearest")[0] > 0.5
+        else:  # an image without pseudo masks still trains the classifier's background
+            masks = torch.zeros(0, rh, rw, dtype=torch.bool)
+        boxes = torch.from_numpy(self.boxes[self.offsets[i]:self.offsets[i + 1]]) * torch.tensor(
+            [rw / width, rh / height, rw / width, rh / height])
+        seeds = torch.from_numpy(self._store.seed_features(i).astype(np.float32))
+        if np.random.default_rng([self.seed, self.epoch, i]).random() < self.flip_prob:
+            image, masks = image.flip(-1), masks.flip(-1)
+            boxes = torch.stack([rw - boxes[:, 2], boxes[:, 1], rw - boxes[:, 0], boxes[:, 3]], 1)
+        return {"image": image, "masks": masks, "boxes": boxes, "seed_features": seeds, "index": i}
+
+
+def collate_training(items: list[dict]) -> dict:
+    """Pad images to a shared multiple of 32; targets at stride 4 (a pixel of the target is foreground
+    when most of its 4x4 block is). Returns images (B, 3, Hp, Wp), image_hw list, and per-image lists of
+    target masks (L, Hp/4, Wp/4) float, labels (L,) zeros (one class), boxes, seed_features."""
+    hp = math.ceil(max(it["image"].shape[1] for it in items) / STRIDE) * STRIDE
+    wp = math.ceil(max(it["image"].shape[2] for it in items) / STRIDE) * STRIDE
+    images = torch.zeros(len(items), 3, hp, wp)
+    targets = []
+    for b, it in enumerate(items):
+        h, w = it["image"].shape[1:]
+        images[b, :, :h, :w] = it["image"]
+        masks = F.pad(it["masks"].float(), (0, wp - w, 0, hp - h))
+        small = (F.avg_pool2d(masks[None], 4)[0] > 0.5).float() if len(masks) else masks.new_zeros(0, hp // 4, wp // 4)
+        targets.append({"masks": small, "labels": torch.zeros(len(masks), dtype=torch.long),
+                        "boxes": it["boxes"], "seed_features": it["seed_features"]})
+    return {"images": images, "image_hw": [tuple(it["image"].shape[1:]) for it in items], "targets": targets,
+            "index": [it["index"] for it in items]}
+
+
+class EpochSampler(Sampler):
+    """A permutation fixed by (seed, epoch), split across ranks, that can start part-way through an epoch:
+    a resumed run skips exactly the batches it had already trained on."""
+
+    def __init__(self, size: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.size / (self.batch_size * self.world_size))
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        per_rank = self.batches_per_epoch() * self.batch_size
+        order = order.repeat(math.ceil(per_rank * self.world_size / self.size))[:per_rank * self.world_size]
+        mine = order[self.rank::self.world_size]
+        return iter(mine[self.start_batch * self.batch_size:].tolist())
+
+    def __len__(self):
+        return (self.batches_per_epoch() - self.start_batch) * self.batch_size

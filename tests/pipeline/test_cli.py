@@ -1,0 +1,46 @@
+"""The CLI: errors name the bad input and exit with status 2; the commands chain as README shows."""
+import json
+
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+runner = CliRunner()
+TINY = ["--backbone", "resnet18", "--image-size", "128", "--max-size", "192", "--workers", "0", "--device", "cpu"]
+
+
+def test_gen_masks_on_an_empty_folder_names_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["gen-masks", str(tmp_path / "empty"), "--store", str(tmp_path / "s.zarr"), *TINY])
+    assert result.exit_code == 2
+    assert "holds no images" in result.output and "empty" in result.output
+
+
+def test_bad_shard_is_refused(demo, tmp_path):
+    result = runner.invoke(app, ["gen-masks", str(demo["unlabeled"]), "--store", str(tmp_path / "s.zarr"),
+                                 "--shard", "3/3", *TINY])
+    assert result.exit_code == 2 and "0 <= I < N" in result.output
+
+
+def test_gen_masks_then_info_export_merge(demo, tmp_path):
+    for i in range(2):
+        result = runner.invoke(app, ["gen-masks", str(demo["unlabeled"]), "--store", str(tmp_path / "s.zarr"),
+                                     "--shard", f"{i}/2", "--limit", "6", "--batch-size", "2", *TINY])
+        assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["store", "merge", str(tmp_path / "s.zarr")]).exit_code == 0
+    info = runner.invoke(app, ["store", "info", str(tmp_path / "s.zarr"), "--json"])
+    summary = json.loads(info.output)
+    assert summary["images_done"] == 6 and summary["complete"]
+    result = runner.invoke(app, ["store", "export", str(tmp_path / "s.zarr"), "--coco", str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    coco = json.loads((tmp_path / "s.json").read_text())
+    assert len(coco["images"]) == 6 and len(coco["annotations"]) == summary["masks"]
+
+
+def test_wrong_schema_version_is_a_clear_error(demo, tmp_path):
+    runner.invoke(app, ["gen-masks", str(demo["unlabeled"]), "--store", str(tmp_path / "s.zarr"), "--limit", "2", *TINY])
+    meta = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())
+    meta["attributes"]["schema_version"] = 99
+    (tmp_path / "s.zarr" / "zarr.json").write_text(json.dumps(meta))
+    result = runner.invoke(app, ["store", "info", str(tmp_path / "s.zarr")])
+    assert result.exit_code == 2 and "schema version 99" in result.output

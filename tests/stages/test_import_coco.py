@@ -1,0 +1,43 @@
+import json
+
+import numpy as np
+import pytest
+
+from stages.eval_masks import evaluate_pseudo_masks
+from stages.gen_masks import RunOptions
+from stages.import_coco import annotation_mask, import_coco
+from store import rle
+from store.pseudo_label_store import PseudoLabelStore
+
+
+def test_imported_ground_truth_is_a_perfect_store(demo, tmp_path):
+    store = import_coco(demo["unlabeled_ann"], demo["unlabeled"], tmp_path / "gt.zarr", backbone="resnet18",
+                        image_size=128, max_size=192, options=RunOptions(batch_size=4, workers=0))
+    gt = json.loads(open(demo["unlabeled_ann"]).read())
+    assert store.num_images == len(gt["images"])
+    assert store.mask_offset[-1] == len(gt["annotations"])
+    result = evaluate_pseudo_masks(store, demo["unlabeled_ann"])
+    assert result["segm"]["AP"] == pytest.approx(1.0) and result["bbox"]["AP"] == pytest.approx(1.0)
+    # masks round-trip exactly and every mask has a unit seed feature pooled from the backbone
+    first = gt["images"][0]
+    anns = [a for a in gt["annotations"] if a["image_id"] == first["id"]]
+    i = store.file_names.index(first["file_name"])
+    for counts, ann in zip(store.rle(i), anns):
+        np.testing.assert_array_equal(rle.decode(counts, first["height"], first["width"]),
+                                      annotation_mask(ann, first["height"], first["width"]))
+    feats = store.seed_features(i).astype(np.float32)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1, atol=1e-2)
+    assert store.attrs["settings"]["method"] == "import"
+
+
+def test_polygon_annotations_are_rasterised(tmp_path):
+    ann = {"segmentation": [[2, 2, 8, 2, 8, 6, 2, 6]]}
+    mask = annotation_mask(ann, 10, 12)
+    assert mask.shape == (10, 12) and 20 <= mask.sum() <= 40
+
+
+def test_a_results_list_is_refused_with_a_reason(tmp_path, demo):
+    bad = tmp_path / "results.json"
+    bad.write_text(json.dumps([{"image_id": 1, "segmentation": {}, "score": 1}]))
+    with pytest.raises(ValueError, match="not a COCO instances JSON"):
+        import_coco(bad, demo["unlabeled"], tmp_path / "s.zarr")

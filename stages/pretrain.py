@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from models.knet import KNetConfig, build_knet
 from models.losses import knet_losses
 from models.saliency_prompt import PromptConfig, SaliencyPrompt
-from stages.pseudo_label_data import EpochSampler, PseudoLabelDataset, collate_training
-from stages.training import (MetricsLog, Schedule, check_finite, init_distributed, save_checkpoint,
-                             seed_everything, set_lr)
+from stages.pseudo_label_data import PseudoLabelDataset, collate_training
+from stages.training import LoopConfig, Schedule, init_distributed, seed_everything, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +75,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) pre-training; returns the path of the final checkpoint."""
     dist = init_distributed(cfg.device)
     seed_everything(cfg.seed)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     dataset = PseudoLabelDataset(cfg.store, cfg.images, cfg.image_size, cfg.max_size, cfg.flip_prob, cfg.seed)
     if len(dataset) == 0:
         raise ValueError(f"{cfg.store} has no usable images")
@@ -87,75 +82,18 @@ def pretrain(cfg: PretrainConfig) -> Path:
     prompt = SaliencyPrompt(dataset.feature_dim, cfg.model.channels, cfg.prompt).to(dist.device)
     params = [p for p in list(model.parameters()) + list(prompt.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.lr
-    sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, dist.rank, dist.world_size)
-    epoch, step, start_batch = 0, 0, 0
-    last = cfg.out / "last.pth"
-    if cfg.resume and last.exists():
-        state = torch.load(last, map_location=dist.device, weights_only=False)
+    train_model = DistributedDataParallel(model) if dist.world_size > 1 else model
+
+    def check_resume(state):
         if state["store_settings_hash"] != dataset.settings_hash:
-            raise ValueError(f"{last} was trained on a store with settings {state['store_settings_hash']}, "
-                             f"{cfg.store} has {dataset.settings_hash}")
-        model.load_state_dict(state["model"])
-        prompt.load_state_dict(state["prompt"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, step, start_batch = state["epoch"], state["step"], state["batch_in_epoch"]
-        log.info("resumed from %s at epoch %d, step %d", last, epoch, step)
-    elif cfg.resume:
-        log.warning("--resume: no %s yet, starting from scratch", last)
-    train_model = model
-    if dist.world_size > 1:
-        train_model = DistributedDataParallel(model, find_unused_parameters=True)
-    metrics = MetricsLog(cfg.out, enabled=dist.main)
-    metrics.truncate_after(step)
+            raise ValueError(f"{cfg.out / 'last.pth'} was trained on a store with settings "
+                             f"{state['store_settings_hash']}, {cfg.store} has {dataset.settings_hash}")
 
-    def checkpoint(epoch_: int, batch_in_epoch: int, name: str | None = None):
-        if not dist.main:
-            return
-        state = {"model": model.state_dict(), "prompt": prompt.state_dict(), "optimizer": optimizer.state_dict(),
-                 "epoch": epoch_, "step": step, "batch_in_epoch": batch_in_epoch, "args": cfg.to_dict(),
-                 "model_config": dataclasses.asdict(cfg.model), "store_settings_hash": dataset.settings_hash,
-                 "kind": "sp-pretrain"}
-        save_checkpoint(last, state)
-        if name:
-            save_checkpoint(cfg.out / name, state)
-
-    per_epoch = sampler.batches_per_epoch()
-    bar = tqdm(total=cfg.epochs * per_epoch, initial=step, unit="step", desc="pretrain", disable=not dist.main)
-    while epoch < cfg.epochs:
-        sampler.set_epoch(epoch, start_batch)
-        dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                            collate_fn=collate_training, persistent_workers=False)
-        model.train()
-        prompt.train()
-        tick = time.perf_counter()
-        for batch_in_epoch, batch in enumerate(loader, start=start_batch):
-            set_lr(optimizer, cfg.schedule.factor(step, epoch))
-            losses = training_step(train_model, prompt, batch, cfg, step, dist.device)
-            check_finite(losses, step)
-            loss = sum(losses.values())
-            value = float(loss.detach())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or batch_in_epoch + 1 == per_epoch:
-                rate = cfg.batch_size * dist.world_size * (batch_in_epoch + 1 - start_batch) / (time.perf_counter() - tick)
-                record = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": value,
-                          "grad_norm": float(grad_norm), "img_per_s": rate, **{k: float(v.detach()) for k, v in losses.items()}}
-                metrics.write(record)
-                bar.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.2f}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(epoch, batch_in_epoch + 1)
-        epoch, start_batch = epoch + 1, 0
-        checkpoint(epoch, 0, f"epoch_{epoch:03d}.pth")
-    bar.close()
-    final = cfg.out / "final.pth"
-    if dist.main:
-        save_checkpoint(final, torch.load(last, map_location="cpu", weights_only=False))
-        log.info("pre-training done: %s", final)
-    return final
+    loop = LoopConfig(out=cfg.out, epochs=cfg.epochs, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+                      clip_norm=cfg.clip_norm, schedule=cfg.schedule, log_every=cfg.log_every,
+                      checkpoint_every=cfg.checkpoint_every, resume=cfg.resume)
+    extra = {"args": cfg.to_dict(), "model_config": dataclasses.asdict(cfg.model),
+             "store_settings_hash": dataset.settings_hash, "kind": "sp-pretrain"}
+    return train_loop(loop, dist, {"model": model, "prompt": prompt}, optimizer, dataset, collate_training,
+                      lambda batch, step: training_step(train_model, prompt, batch, cfg, step, dist.device),
+                      extra, check_resume=check_resume, manual_sync=[prompt])

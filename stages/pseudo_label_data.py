@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from stages.image_data import STRIDE, load_image, resized_size
@@ -99,29 +99,3 @@ def collate_training(items: list[dict]) -> dict:
                         "boxes": it["boxes"], "seed_features": it["seed_features"]})
     return {"images": images, "image_hw": [tuple(it["image"].shape[1:]) for it in items], "targets": targets,
             "index": [it["index"] for it in items]}
-
-
-class EpochSampler(Sampler):
-    """A permutation fixed by (seed, epoch), split across ranks, that can start part-way through an epoch:
-    a resumed run skips exactly the batches it had already trained on."""
-
-    def __init__(self, size: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def batches_per_epoch(self) -> int:
-        return math.ceil(self.size / (self.batch_size * self.world_size))
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
-        per_rank = self.batches_per_epoch() * self.batch_size
-        order = order.repeat(math.ceil(per_rank * self.world_size / self.size))[:per_rank * self.world_size]
-        mine = order[self.rank::self.world_size]
-        return iter(mine[self.start_batch * self.batch_size:].tolist())
-
-    def __len__(self):
-        return (self.batches_per_epoch() - self.start_batch) * self.batch_size

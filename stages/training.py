@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +123,137 @@ class MetricsLog:
         keep = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
+
+
+class EpochSampler(Sampler):
+    """A permutation fixed by (seed, epoch), split across ranks, that can start part-way through an epoch:
+    a resumed run skips exactly the batches it had already trained on."""
+
+    def __init__(self, size: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.size / (self.batch_size * self.world_size))
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        per_rank = self.batches_per_epoch() * self.batch_size
+        order = order.repeat(math.ceil(per_rank * self.world_size / self.size))[:per_rank * self.world_size]
+        mine = order[self.rank::self.world_size]
+        return iter(mine[self.start_batch * self.batch_size:].tolist())
+
+    def __len__(self):
+        return (self.batches_per_epoch() - self.start_batch) * self.batch_size
+
+
+@dataclass
+class LoopConfig:
+    out: Path
+    epochs: int = 12
+    batch_size: int = 2
+    workers: int = 2
+    seed: int = 0
+    clip_norm: float = 1.0
+    schedule: Schedule = field(default_factory=Schedule)
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
+    resume: bool = False
+
+
+def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+               dataset, collate: Callable, loss_fn: Callable[[dict, int], dict[str, torch.Tensor]],
+               extra_state: dict, check_resume: Callable[[dict], None] | None = None,
+               on_epoch_end: Callable[[int], dict] | None = None, manual_sync: list[torch.nn.Module] = ()) -> Path:
+    """The shared training loop: deterministic epoch sampler, lr schedule, finite-loss check, clipping,
+    metrics, checkpoints (`last.pth` every epoch and every `checkpoint_every` steps, `epoch_NNN.pth`) and exact
+    resume from `last.pth`. Returns the path of `final.pth`.
+
+    modules: saved and restored by name; loss_fn(batch, step) → named losses; on_epoch_end(epoch) → metrics
+    to log (e.g. evaluation); manual_sync: modules outside DDP whose gradients are averaged by hand.
+    """
+    loop.out.mkdir(parents=True, exist_ok=True)
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    sampler = EpochSampler(len(dataset), loop.batch_size, loop.seed, dist.rank, dist.world_size)
+    epoch, step, start_batch = 0, 0, 0
+    last = loop.out / "last.pth"
+    if loop.resume and last.exists():
+        state = torch.load(last, map_location=dist.device, weights_only=False)
+        if check_resume is not None:
+            check_resume(state)
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, step, start_batch = state["epoch"], state["step"], state["batch_in_epoch"]
+        log.info("resumed from %s at epoch %d, step %d", last, epoch, step)
+    elif loop.resume:
+        log.warning("--resume: no %s yet, starting from scratch", last)
+    metrics = MetricsLog(loop.out, enabled=dist.main)
+    metrics.truncate_after(step)
+
+    def checkpoint(epoch_: int, batch_in_epoch: int, name: str | None = None):
+        if not dist.main:
+            return
+        state = {**{n: m.state_dict() for n, m in modules.items()}, "optimizer": optimizer.state_dict(),
+                 "epoch": epoch_, "step": step, "batch_in_epoch": batch_in_epoch, **extra_state}
+        save_checkpoint(last, state)
+        if name:
+            save_checkpoint(loop.out / name, state)
+
+    per_epoch = sampler.batches_per_epoch()
+    bar = tqdm(total=loop.epochs * per_epoch, initial=step, unit="step", desc=loop.out.name, disable=not dist.main)
+    while epoch < loop.epochs:
+        sampler.set_epoch(epoch, start_batch)
+        dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=loop.batch_size, sampler=sampler, num_workers=loop.workers,
+                            collate_fn=collate)
+        for module in modules.values():
+            module.train()
+        tick = time.perf_counter()
+        for batch_in_epoch, batch in enumerate(loader, start=start_batch):
+            set_lr(optimizer, loop.schedule.factor(step, epoch))
+            losses = loss_fn(batch, step)
+            check_finite(losses, step)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for module in manual_sync if dist.world_size > 1 else ():
+                for p in module.parameters():
+                    if p.grad is not None:
+                        dist_all_reduce_mean(p.grad, dist.world_size)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, loop.clip_norm)
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            if step % loop.log_every == 0 or batch_in_epoch + 1 == per_epoch:
+                rate = loop.batch_size * dist.world_size * (batch_in_epoch + 1 - start_batch) / (time.perf_counter() - tick)
+                value = float(loss.detach())
+                metrics.write({"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": value,
+                               "grad_norm": float(grad_norm), "img_per_s": rate,
+                               **{k: float(v.detach()) for k, v in losses.items()}})
+                bar.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.2f}")
+            if loop.checkpoint_every and step % loop.checkpoint_every == 0:
+                checkpoint(epoch, batch_in_epoch + 1)
+        epoch, start_batch = epoch + 1, 0
+        checkpoint(epoch, 0, f"epoch_{epoch:03d}.pth")
+        if on_epoch_end is not None:
+            record = on_epoch_end(epoch)
+            if record:
+                metrics.write({"step": step, "epoch": epoch, **record})
+    bar.close()
+    final = loop.out / "final.pth"
+    if dist.main:
+        save_checkpoint(final, torch.load(last, map_location="cpu", weights_only=False))
+        log.info("training done: %s", final)
+    return final
+
+
+def dist_all_reduce_mean(tensor: torch.Tensor, world_size: int) -> None:
+    torch.distributed.all_reduce(tensor)
+    tensor /= world_size

@@ -84,8 +84,9 @@ class PseudoLabelDataset(Dataset):
 
 def collate_training(items: list[dict]) -> dict:
     """Pad images to a shared multiple of 32; targets at stride 4 (a pixel of the target is foreground
-    when most of its 4x4 block is). Returns images (B, 3, Hp, Wp), image_hw list, and per-image lists of
-    target masks (L, Hp/4, Wp/4) float, labels (L,) zeros (one class), boxes, seed_features."""
+    when most of its 4x4 block is). Returns images (B, 3, Hp, Wp), image_hw list, and per image a target
+    dict: masks (L, Hp/4, Wp/4) float, full-resolution masks (L, Hp, Wp) bool, labels (L,) (zeros, the one
+    foreground class, when items carry none), boxes, and seed_features when items carry them."""
     hp = math.ceil(max(it["image"].shape[1] for it in items) / STRIDE) * STRIDE
     wp = math.ceil(max(it["image"].shape[2] for it in items) / STRIDE) * STRIDE
     images = torch.zeros(len(items), 3, hp, wp)
@@ -95,7 +96,10 @@ def collate_training(items: list[dict]) -> dict:
         images[b, :, :h, :w] = it["image"]
         masks = F.pad(it["masks"].float(), (0, wp - w, 0, hp - h))
         small = (F.avg_pool2d(masks[None], 4)[0] > 0.5).float() if len(masks) else masks.new_zeros(0, hp // 4, wp // 4)
-        targets.append({"masks": small, "labels": torch.zeros(len(masks), dtype=torch.long),
-                        "boxes": it["boxes"], "seed_features": it["seed_features"]})
+        target = {"masks": small, "full_masks": masks.bool(), "boxes": it["boxes"],
+                  "labels": it.get("labels", torch.zeros(len(masks), dtype=torch.long))}
+        if "seed_features" in it:
+            target["seed_features"] = it["seed_features"]
+        targets.append(target)
     return {"images": images, "image_hw": [tuple(it["image"].shape[1:]) for it in items], "targets": targets,
             "index": [it["index"] for it in items]}

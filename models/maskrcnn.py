@@ -1,0 +1,149 @@
+"""torchvision's Mask R-CNN as the CNN baseline (paper §4.1), on the same ResNet weights as our K-Net.
+
+The backbone is a torchvision ResNet-FPN with FrozenBatchNorm2d (as torchvision builds it), filled from a
+local checkpoint through ``models.backbone`` so every layout K-Net accepts (torchvision, MoCo, mmselfsup,
+detectron2) works here too. ``MaskRCNNAdapter`` gives it K-Net's fine-tuning interface: contiguous labels
+0..C-1 and ``predict`` dicts like ``KNet.predict``.
+
+Input convention differs from K-Net: images are 0-1 RGB tensors (3, H, W) of any size, NOT normalised;
+torchvision's GeneralizedRCNNTransform normalises them (ImageNet mean/std) and resizes them so the short
+side is ``min_size`` (long side at most ``max_size``), and maps outputs back to the input size.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from models.backbone import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from models.saliency import mask_boxes
+
+
+@dataclass
+class MaskRCNNConfig:
+    """Mask R-CNN settings; the defaults are torchvision's (and the paper's) full-size ones."""
+
+    backbone: str = "resnet50"
+    num_classes: int = 80  # foreground classes; torchvision's background class is added internally
+    trainable_layers: int = 3  # layer2..layer4 train, stem + layer1 frozen (torchvision's default)
+    min_size: int = 800
+    max_size: int = 1333
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    box_batch_size_per_image: int = 512
+    box_detections_per_img: int = 100
+    mask_threshold: float = 0.5
+
+    @classmethod
+    def small(cls, **overrides) -> MaskRCNNConfig:
+        """A CPU-sized model for tests: ResNet-18, images of 128-192 px, few proposals and RoIs."""
+        base = cls(backbone="resnet18", min_size=128, max_size=192, rpn_pre_nms_top_n_train=200,
+                   rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
+                   box_batch_size_per_image=32, box_detections_per_img=50)
+        return replace(base, **overrides)
+
+
+def build_maskrcnn(cfg: MaskRCNNConfig, backbone_weights: Path | None = None) -> MaskRCNN:
+    """torchvision Mask R-CNN whose ResNet body holds our backbone weights (``None``: random, loud warning).
+
+    Weights go through ``build_backbone`` (layout detection, strict checks), then its state dict, whose keys
+    are torchvision ResNet names, is copied strictly into the FPN body. FrozenBatchNorm2d keeps BN
+    weight/bias/running_mean/running_var as buffers and drops ``num_batches_tracked`` on load, so the
+    loaded statistics are what the frozen BN uses.
+    """
+    features = build_backbone(cfg.backbone, backbone_weights)
+    body_net = getattr(resnet, cfg.backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
+    backbone = _resnet_fpn_extractor(body_net, cfg.trainable_layers)
+    backbone.body.load_state_dict(features.state_dict(), strict=True)
+    return MaskRCNN(
+        backbone, num_classes=cfg.num_classes + 1, min_size=cfg.min_size, max_size=cfg.max_size,
+        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        box_batch_size_per_image=cfg.box_batch_size_per_image, box_detections_per_img=cfg.box_detections_per_img)
+
+
+class MaskRCNNAdapter(nn.Module):
+    """Mask R-CNN behind K-Net's fine-tuning interface: ``loss`` and ``predict`` on 0-1 RGB image lists."""
+
+    def __init__(self, cfg: MaskRCNNConfig, model: MaskRCNN) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+
+    @contextmanager
+    def _mode(self, training: bool) -> Iterator[None]:
+        # torchvision returns losses in train mode and detections in eval mode; both modes are otherwise
+        # equivalent here (FrozenBN, no dropout) apart from proposal counts, so switching is safe.
+        was_training = self.training
+        self.train(training)
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    def loss(self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Mask R-CNN losses (RPN objectness/box, RoI classifier/box, mask), each a scalar tensor.
+
+        images: 0-1 RGB (3, H, W) each; targets: dict(masks (L, H, W) bool/uint8, labels (L,) long in
+        0..C-1, optional boxes (L, 4) xyxy). L = 0 is allowed (a negative image).
+        """
+        tv_targets = []
+        for t in targets:
+            masks, labels = t["masks"].bool(), t["labels"].long()
+            if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.cfg.num_classes:
+                raise ValueError(f"labels must be in 0..{self.cfg.num_classes - 1}, got {labels.tolist()}")
+            # an empty mask gives a zero-size box, which torchvision rejects, and supervises nothing
+            keep = masks.flatten(1).any(1)
+            boxes = t["boxes"].float() if "boxes" in t else mask_boxes(masks)
+            tv_targets.append(dict(masks=masks[keep].to(torch.uint8), labels=labels[keep] + 1,  # background is 0
+                                   boxes=boxes[keep]))
+        with self._mode(True):
+            return self.model(list(images), tv_targets)
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[Tensor], orig_sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Detections per image, in ``KNet.predict``'s format, sorted by decreasing score.
+
+        images: 0-1 RGB (3, H, W) each; orig_sizes[b] = (h0, w0) size to return masks and boxes at (the
+        image's size before the caller resized it, if it did). Returns dict(scores (k,), labels (k,) long
+        in 0..C-1, masks (k, h0, w0) bool, boxes (k, 4) xyxy float: the detector's boxes, not mask-tight
+        ones), k <= box_detections_per_img.
+        """
+        with self._mode(False):
+            outputs = self.model(list(images))
+        results = []
+        for image, out, (h0, w0) in zip(images, outputs, orig_sizes):
+            h, w = image.shape[-2:]
+            # soft masks (k, 1, h, w) are pasted at the input size; resize before thresholding, as K-Net does
+            probs = F.interpolate(out["masks"], size=(h0, w0), mode="bilinear", align_corners=False)
+            scale = out["boxes"].new_tensor([w0 / w, h0 / h, w0 / w, h0 / h])
+            results.append(dict(scores=out["scores"], labels=out["labels"] - 1,
+                                 masks=probs[:, 0] > self.cfg.mask_threshold, boxes=out["boxes"] * scale))
+        return results
+
+
+def build_maskrcnn_adapter(cfg: MaskRCNNConfig, backbone_weights: Path | None = None) -> MaskRCNNAdapter:
+    """``build_maskrcnn`` wrapped in ``MaskRCNNAdapter``."""
+    return MaskRCNNAdapter(cfg, build_maskrcnn(cfg, backbone_weights))
+
+
+def maskrcnn_optimizer(model: nn.Module, lr: float = 0.02, momentum: float = 0.9,
+                       weight_decay: float = 1e-4) -> torch.optim.SGD:
+    """SGD of §4.1 over the trainable parameters (frozen backbone stages have requires_grad False).
+
+    lr 0.02 is for a total batch of 16 images; scale it linearly for other batch sizes.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -1,0 +1,93 @@
+"""Labeled COCO instance data for fine-tuning: category ids ↔ contiguous labels, flips and the optional
+rotation of §4.1, crowd regions left out of the targets. Items have the same form as the pre-training
+dataset's, so both share `collate_training`.
+
+Records are pickled into one numpy byte buffer with offsets (as detectron2 does), so DataLoader workers do
+not copy thousands of Python objects on read.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from models.backbone import IMAGENET_MEAN, IMAGENET_STD
+from models.saliency import mask_boxes
+from stages.image_data import load_image, resized_size
+from stages.import_coco import annotation_mask
+
+
+def load_instances(ann_path: Path) -> dict:
+    with open(ann_path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
+        raise ValueError(f"{ann_path} is not a COCO instances JSON (needs images, annotations, categories)")
+    return data
+
+
+class CocoInstances(Dataset):
+    """Item: dict(image (3, Hr, Wr), masks (L, Hr, Wr) bool, boxes (L, 4), labels (L,) long, index).
+
+    categories: the dataset's categories sorted by id; label l ↔ categories[l]['id'].
+    """
+
+    def __init__(self, ann_path: Path, images_dir: Path, image_size: int, max_size: int, flip_prob: float = 0.5,
+                 rotate_deg: float = 0.0, seed: int = 0):
+        data = load_instances(ann_path)
+        self.categories = sorted(data["categories"], key=lambda c: c["id"])
+        label_of = {c["id"]: i for i, c in enumerate(self.categories)}
+        per_image: dict[int, list] = {img["id"]: [] for img in data["images"]}
+        for ann in data["annotations"]:
+            if not ann.get("iscrowd", 0):
+                per_image[ann["image_id"]].append((ann["segmentation"], label_of[ann["category_id"]]))
+        images = sorted(data["images"], key=lambda img: img["id"])
+        blobs = [pickle.dumps((img["file_name"], img["height"], img["width"], img["id"], per_image[img["id"]]))
+                 for img in images]
+        self.buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        self.offsets = np.cumsum([0] + [len(b) for b in blobs])
+        self.image_ids = np.array([img["id"] for img in images], dtype=np.int64)
+        self.file_names = [img["file_name"] for img in images]
+        self.images_dir, self.image_size, self.max_size = Path(images_dir), image_size, max_size
+        self.flip_prob, self.rotate_deg, self.seed, self.epoch = flip_prob, rotate_deg, seed, 0
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def record(self, k: int):
+        return pickle.loads(self.buffer[self.offsets[k]:self.offsets[k + 1]].tobytes())
+
+    def __getitem__(self, k: int) -> dict:
+        name, height, width, image_id, anns = self.record(k)
+        im = load_image(self.images_dir / name)
+        if im.size != (width, height):
+            raise ValueError(f"{self.images_dir / name} is {im.size[1]}x{im.size[0]}, the JSON says {height}x{width}")
+        rh, rw = resized_size(height, width, self.image_size, self.max_size)
+        pixels = torch.from_numpy(np.asarray(im.resize((rw, rh))).copy()).permute(2, 0, 1).float() / 255.0
+        image = (pixels - self.mean) / self.std
+        if anns:
+            masks = torch.from_numpy(np.stack([annotation_mask({"segmentation": s}, height, width) for s, _ in anns]))
+            masks = F.interpolate(masks[None].float(), size=(rh, rw), mode="nearest")[0] > 0.5
+        else:
+            masks = torch.zeros(0, rh, rw, dtype=torch.bool)
+        labels = torch.tensor([label for _, label in anns], dtype=torch.long)
+        rng = np.random.default_rng([self.seed, self.epoch, k])
+        if rng.random() < self.flip_prob:
+            image, masks = image.flip(-1), masks.flip(-1)
+        if self.rotate_deg > 0 and rng.random() < 0.5:
+            angle = float(rng.uniform(-self.rotate_deg, self.rotate_deg))
+            image = TF.rotate(image, angle, interpolation=TF.InterpolationMode.BILINEAR)
+            masks = TF.rotate(masks[:, None].float(), angle)[:, 0] > 0.5 if len(masks) else masks
+            keep = masks.flatten(1).any(1)  # an object rotated out of the image is no target
+            masks, labels = masks[keep], labels[keep]
+        return {"image": image, "masks": masks, "boxes": mask_boxes(masks), "labels": labels, "index": k}

@@ -1,0 +1,202 @@
+"""Stage 2b, `sp finetune`: K-Net (optionally from a `sp pretrain` checkpoint) or the torchvision Mask R-CNN
+baseline on a small labeled COCO set, evaluated every `eval_every` epochs (paper §4.1, Figures 3-4).
+
+Writes into the run folder: last.pth / epoch_NNN.pth / final.pth, best.pth (highest mask AP on --val-ann:
+report on another split, or report last.pth), metrics.jsonl with the AP curve, and curve.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from models.knet import KNetConfig, build_knet
+from models.losses import knet_losses
+from models.maskrcnn import MaskRCNNConfig, build_maskrcnn_adapter, maskrcnn_optimizer
+from pipeline.plots import line_chart
+from stages.coco_data import CocoInstances, load_instances
+from stages.evaluate import coco_evaluate, predictions_to_results
+from stages.inference import predict_images, unnormalise
+from stages.pseudo_label_data import collate_training
+from stages.training import LoopConfig, Schedule, init_distributed, save_checkpoint, seed_everything, train_loop
+
+log = logging.getLogger(__name__)
+PRETRAIN_ONLY = ("prompt",)  # checkpoint entries that fine-tuning never loads
+
+
+@dataclass
+class FinetuneConfig:
+    train_ann: Path
+    train_images: Path
+    val_ann: Path
+    val_images: Path
+    out: Path
+    model: str = "knet"  # or "maskrcnn"
+    small: bool = False  # CPU-sized models (ResNet-18) for smoke runs and the demo
+    backbone: str = "resnet50"
+    init: Path | None = None  # a `sp pretrain` checkpoint (K-Net only)
+    backbone_weights: Path | None = None
+    epochs: int = 48
+    batch_size: int = 2
+    lr: float | None = None  # default: 1e-4 (K-Net, AdamW) or 0.02 (Mask R-CNN, SGD)
+    weight_decay: float | None = None  # default: 0.05 (K-Net) or 1e-4 (Mask R-CNN)
+    backbone_lr_mult: float = 0.25  # K-Net
+    clip_norm: float = 4.0
+    schedule: Schedule = field(default_factory=lambda: Schedule(warmup_steps=100, lr_steps=(36, 44)))
+    flip_prob: float = 0.5
+    rotate_deg: float = 0.0  # §4.1 uses 9 (applied to half of the images)
+    image_size: int = 800
+    max_size: int = 1333
+    mask_threshold: float = 0.5  # K-Net test-time; the authors use 0.3 on COCO
+    max_per_image: int = 100
+    eval_every: int = 1
+    workers: int = 2
+    device: str = "cpu"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0
+    resume: bool = False
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Copy every tensor whose name and shape match; report what was loaded, what kept its fresh
+    initialisation (shape differs, e.g. a classifier for other classes, or absent from the checkpoint), and
+    what the checkpoint had that the model does not use."""
+    own = model.state_dict()
+    loaded = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+    reinitialised = sorted([k for k, v in state.items() if k in own and own[k].shape != v.shape] +
+                           [k for k in own if k not in state])
+    ignored = sorted(k for k in state if k not in own)
+    model.load_state_dict({**own, **{k: state[k] for k in loaded}})
+    return {"loaded": loaded, "reinitialised": reinitialised, "ignored": ignored}
+
+
+def load_pretrained(model: nn.Module, path: Path) -> dict[str, list[str]]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("kind") != "sp-pretrain":
+        raise ValueError(f"--init {path} is not a `sp pretrain` checkpoint (kind {state.get('kind')!r})")
+    report = transfer_weights(model, state["model"])
+    report["ignored"] += [f"{name}.*" for name in PRETRAIN_ONLY if name in state]
+    log.info("--init %s: loaded %d tensors, re-initialised %d (%s), ignored %d (%s)", path, len(report["loaded"]),
+             len(report["reinitialised"]), ", ".join(report["reinitialised"][:6]) or "-", len(report["ignored"]),
+             ", ".join(report["ignored"][:6]) or "-")
+    return report
+
+
+def build(cfg: FinetuneConfig, num_classes: int):
+    """(model, model_config dict, optimizer) for cfg.model."""
+    if cfg.model == "knet":
+        mc = (KNetConfig.small if cfg.small else KNetConfig)(num_classes=num_classes, frozen_stages=1,
+                                                           mask_threshold_test=cfg.mask_threshold,
+                                                           max_per_image=cfg.max_per_image)
+        if not cfg.small:
+            mc.backbone = cfg.backbone
+        model = build_knet(mc, cfg.backbone_weights)
+        if cfg.init is not None:
+            load_pretrained(model, cfg.init)
+        lr = cfg.lr or 1e-4
+        backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+        rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+        optimizer = torch.optim.AdamW([{"params": rest, "lr": lr},
+                                       {"params": backbone, "lr": lr * cfg.backbone_lr_mult}],
+                                      weight_decay=0.05 if cfg.weight_decay is None else cfg.weight_decay)
+        return model, mc, optimizer
+    if cfg.model == "maskrcnn":
+        if cfg.init is not None:
+            raise ValueError("--init loads a K-Net pre-training checkpoint; use --backbone-weights for Mask R-CNN")
+        mc = (MaskRCNNConfig.small if cfg.small else MaskRCNNConfig)(num_classes=num_classes)
+        if not cfg.small:
+            mc.backbone, mc.min_size, mc.max_size = cfg.backbone, cfg.image_size, cfg.max_size
+        model = build_maskrcnn_adapter(mc, cfg.backbone_weights)
+        optimizer = maskrcnn_optimizer(model, lr=cfg.lr or 0.02,
+                                       weight_decay=1e-4 if cfg.weight_decay is None else cfg.weight_decay)
+        return model, mc, optimizer
+    raise ValueError(f"--model {cfg.model!r}: expected knet or maskrcnn")
+
+
+def loss_function(model: nn.Module, kind: str, device: str):
+    def knet_loss(batch, step):
+        targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            stages, _ = model(batch["images"].to(device))
+        stages = [{k: (v.float() if v is not None else None) for k, v in s.items()} for s in stages]
+        return knet_losses(stages, targets)[0]
+
+    def maskrcnn_loss(batch, step):
+        images = unnormalise(batch["images"].to(device), batch["image_hw"])
+        targets = [{"masks": t["full_masks"][:, :h, :w].to(device), "labels": t["labels"].to(device)}
+                   for t, (h, w) in zip(batch["targets"], batch["image_hw"])]
+        return model.loss(images, targets)
+
+    return knet_loss if kind == "knet" else maskrcnn_loss
+
+
+def evaluate_model(model: nn.Module, kind: str, ann: Path, images: Path, image_size: int, max_size: int,
+                   device: str, batch_size: int = 2, workers: int = 2) -> tuple[dict, list[dict]]:
+    """COCO segm and bbox AP of a model on a labeled set, and the COCO results list."""
+    data = load_instances(ann)
+    category_ids = sorted(c["id"] for c in data["categories"])
+    images_sorted = sorted(data["images"], key=lambda img: img["id"])
+    names = [img["file_name"] for img in images_sorted]
+    predictions, ids = [], []
+    for index, prediction in predict_images(model, kind, images, names, image_size, max_size, device,
+                                            batch_size, workers):
+        predictions.append(prediction)
+        ids.append(images_sorted[index]["id"])
+    results = predictions_to_results(predictions, ids, category_ids)
+    return coco_evaluate(data, results), results
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    """Run (or resume) fine-tuning; returns the final checkpoint."""
+    dist = init_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    dataset = CocoInstances(cfg.train_ann, cfg.train_images, cfg.image_size, cfg.max_size, cfg.flip_prob,
+                            cfg.rotate_deg, cfg.seed)
+    model, model_config, optimizer = build(cfg, len(dataset.categories))
+    model = model.to(dist.device)
+    train_model = DistributedDataParallel(model) if dist.world_size > 1 else model
+    previous = [json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines()] \
+        if cfg.resume and (cfg.out / "metrics.jsonl").exists() else []
+    best = {"AP": max((r["segm_AP"] for r in previous if "segm_AP" in r), default=float("-inf"))}
+    extra = {"args": cfg.to_dict(), "model_kind": cfg.model, "model_config": dataclasses.asdict(model_config),
+             "categories": dataset.categories, "kind": "sp-finetune"}
+
+    def on_epoch_end(epoch: int) -> dict:
+        if not dist.main or (epoch % cfg.eval_every and epoch != cfg.epochs):
+            return {}
+        metrics, _ = evaluate_model(model, cfg.model, cfg.val_ann, cfg.val_images, cfg.image_size, cfg.max_size,
+                                    dist.device, cfg.batch_size, cfg.workers)
+        record = {f"{t}_{k}": v for t in ("segm", "bbox") for k, v in metrics[t].items()}
+        log.info("epoch %d: mask AP %.1f, box AP %.1f", epoch, record["segm_AP"], record["bbox_AP"])
+        if record["segm_AP"] > best["AP"]:
+            best["AP"] = record["segm_AP"]
+            save_checkpoint(cfg.out / "best.pth", torch.load(cfg.out / "last.pth", map_location="cpu",
+                                                              weights_only=False))
+        plot_curve(cfg.out)
+        return record
+
+    loop = LoopConfig(out=cfg.out, epochs=cfg.epochs, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+                      clip_norm=cfg.clip_norm, schedule=cfg.schedule, log_every=cfg.log_every,
+                      checkpoint_every=cfg.checkpoint_every, resume=cfg.resume)
+    return train_loop(loop, dist, {"model": model}, optimizer, dataset, collate_training,
+                      loss_function(train_model, cfg.model, dist.device), extra, on_epoch_end=on_epoch_end)
+
+
+def plot_curve(run: Path) -> Path:
+    """curve.png: mask and box AP against epochs, from metrics.jsonl (the paper's Figures 3-4)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "segm_AP" in r]
+    series = {"mask AP": [(r["epoch"], r["segm_AP"]) for r in evals],
+              "box AP": [(r["epoch"], r["bbox_AP"]) for r in evals]}
+    return line_chart(series, run / "curve.png", title=f"{run.name}: AP on the validation set",
+                      xlabel="epoch", ylabel="AP (%)")

@@ -1,0 +1,67 @@
+"""Models from checkpoints, and predictions over an image folder, for `sp evaluate`, `sp predict` and the
+evaluation inside fine-tuning. K-Net and the Mask R-CNN baseline return the same per-image dict:
+scores (K,), labels (K,) contiguous, masks (K, H, W) bool at original size, boxes (K, 4) xyxy."""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.backbone import IMAGENET_MEAN, IMAGENET_STD
+from models.knet import KNetConfig, build_knet
+from models.maskrcnn import MaskRCNNConfig, build_maskrcnn_adapter
+from stages.image_data import ImageFolder, batch_loader
+
+
+def build_model(kind: str, config: dict) -> nn.Module:
+    """kind 'knet' or 'maskrcnn'; config: the dataclass fields saved in a checkpoint's 'model_config'."""
+    if kind == "knet":
+        return build_knet(KNetConfig(**config))
+    if kind == "maskrcnn":
+        return build_maskrcnn_adapter(MaskRCNNConfig(**config))
+    raise ValueError(f"unknown model kind {kind!r}: expected knet or maskrcnn")
+
+
+def load_checkpoint_model(path: Path, device: str) -> tuple[nn.Module, dict]:
+    """The model of a `sp finetune` checkpoint, in eval mode, and the checkpoint dict (categories, args, ...)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("kind") != "sp-finetune":
+        raise ValueError(f"{path} is not a `sp finetune` checkpoint (kind {state.get('kind')!r}); "
+                         "a pre-training checkpoint is used through `sp finetune --init`")
+    with warnings.catch_warnings():  # the random-backbone warning does not apply: weights come next
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        logging.getLogger("models.backbone").disabled = True
+        try:
+            model = build_model(state["model_kind"], state["model_config"])
+        finally:
+            logging.getLogger("models.backbone").disabled = False
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def unnormalise(images: torch.Tensor, sizes) -> list[torch.Tensor]:
+    """Padded normalised batch → list of 0-1 RGB crops (Mask R-CNN normalises and resizes by itself)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return [(images[b, :, :h, :w] * std + mean).clamp(0, 1) for b, (h, w) in enumerate(sizes)]
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, kind: str, images_dir: Path, file_names: list[str], image_size: int,
+                   max_size: int, device: str, batch_size: int = 2, workers: int = 2):
+    """Yields (index into file_names, prediction dict) for every readable image, in order."""
+    model.eval()
+    loader = batch_loader(ImageFolder(images_dir, file_names, image_size, max_size), batch_size, workers)
+    for batch in loader:
+        if not batch.index:
+            continue
+        images = batch.images.to(device)
+        if kind == "knet":
+            predictions = model.predict(images, batch.resized_hw, batch.image_hw)
+        else:
+            predictions = model.predict(unnormalise(images, batch.resized_hw), batch.image_hw)
+        for index, prediction in zip(batch.index, predictions):
+            yield index, {k: v.cpu() for k, v in prediction.items()}

@@ -422,6 +422,21 @@ def predict_cmd(
     typer.echo(f"wrote {path}")
 
 
+@app.command("table")
+def table_cmd(
+    eval_files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="`sp evaluate --out` JSON files.")],
+    names: Annotated[str, typer.Option(help="Comma-separated row names, one per file.")],
+    out: Annotated[Path, typer.Option(help="Output prefix: writes OUT.md and OUT.json.")],
+):
+    """Mask and box AP tables of several evaluated runs, printed and written as markdown and JSON."""
+    from stages.report import write_table
+
+    try:
+        typer.echo(write_table(eval_files, names.split(","), out))
+    except (ValueError, OSError, KeyError) as e:
+        fail(str(e))
+
+
 @app.command("split")
 def split(
     instances: Annotated[Path, typer.Argument(exists=True, dir_okay=False,

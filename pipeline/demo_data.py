@@ -240,7 +240,8 @@ def _check_out_dir(out_dir: Path, settings_line: str) -> None:
     """Refuse to write into a directory we did not create, or created with other settings."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a directory")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
+    # Empty folders count as empty: workflow managers create output folders before the job runs.
+    if not out_dir.exists() or not any(p.is_file() for p in out_dir.rglob("*")):
         return
     readme = out_dir / "README.txt"
     lines = readme.read_text().splitlines() if readme.is_file() else []

@@ -12,6 +12,16 @@ H, W = 128, 160  # already at MaskRCNNConfig.small's scale: the transform does n
 COLOURS = [(0.9, 0.6, 0.3), (0.3, 0.8, 0.9)]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run on one thread: on the 2 shared CPU cores, OpenMP threads waiting for a busy core made
+    element-wise ops ~40x slower and a training step ~5x slower than a single thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _scene(shapes: list[tuple[str, int, int, int, int]], background: float = 0.2):
     """Flat background with flat-colour shapes ('rect' | 'ellipse', y0, x0, h, w); all label 0.
 
@@ -117,12 +127,13 @@ def test_empty_targets_train():
 
 
 def test_learns_synthetic_shapes():
-    """SGD of §4.1 (lr 0.02, momentum 0.9, wd 1e-4) on three tiny scenes, 40 steps.
+    """SGD of §4.1 (lr 0.02, momentum 0.9, wd 1e-4) on three tiny scenes, 40 steps, from a random backbone.
 
     Gradients are clipped to norm 10: torchvision's Kaiming-initialised mask head starts with huge logits
-    (mask loss ~4) and plain SGD at lr 0.02 diverges in a few steps; full runs avoid this with the
-    1000-step linear warm-up, which does not fit a CPU test. Threshold 0.5 is COCO's match IoU (AP50):
-    the untrained model scores ~0.27 (random low-confidence boxes); trained, it reaches ~0.8.
+    (mask loss ~4) and plain SGD at lr 0.02 diverged within a few steps (also at lr 0.002); full runs avoid
+    this with the 1000-step linear warm-up, which does not fit a CPU test. Untrained, the mean best IoU is
+    0.16-0.49 over seeds 0-3 (dozens of random boxes score ~0.45 > 0.3, some overlapping each shape);
+    trained 40 steps it was 0.88-0.91, so 0.7 separates the two with margin.
     """
     torch.manual_seed(0)
     adapter = build_maskrcnn_adapter(MaskRCNNConfig.small(num_classes=1))
@@ -136,4 +147,4 @@ def test_learns_synthetic_shapes():
         torch.nn.utils.clip_grad_norm_(adapter.parameters(), 10.0)
         optimizer.step()
     after = _mean_best_iou(adapter, images, targets)
-    assert after > 0.5 and after > before + 0.2, (before, after)
+    assert after > 0.7 and after > before + 0.2, (before, after)

@@ -62,7 +62,12 @@ def timed(fn, *args):
 def throughput(args) -> dict:
     images = demo_images(args.work, args.images)
     names = list_images(images)
-    settings = GenerationSettings(backbone=args.backbone, image_size=args.image_size, max_size=args.max_size)
+    # No score/width/position filter keeps ~20 masks per image (the design notes' figure for a trained
+    # backbone), so encoding and writing are measured at full load; a random backbone with the default
+    # filters would keep almost none.
+    settings = GenerationSettings(backbone=args.backbone, image_size=args.image_size, max_size=args.max_size,
+                                  saliency=SaliencyConfig(min_score=args.min_score, max_width_frac=1.01,
+                                                          min_center_y_frac=0.0))
     backbone = build_backbone(args.backbone, None, out_levels=("c5",)).eval()
     loader = lambda: batch_loader(ImageFolder(images, names, args.image_size, args.max_size),  # noqa: E731
                                   args.batch_size, args.workers)
@@ -87,15 +92,19 @@ def throughput(args) -> dict:
             t["encode"] += dt
             tick = time.perf_counter()
     breakdown_total = time.perf_counter() - start
-    with torch.inference_mode():
-        start = time.perf_counter()
-        for b in loader():
-            backbone(b.images)
-        backbone_only = time.perf_counter() - start
     store = args.work / f"bench-{args.backbone}-{args.image_size}-{args.images}.zarr"
-    subprocess.run(["rm", "-rf", str(store)], check=True)
     options = RunOptions(batch_size=args.batch_size, workers=args.workers)
-    _, whole = timed(generate, images, store, settings, options)
+    # This machine's speed drifts between runs: alternate the two measurements and keep the best of each.
+    backbone_only, whole = float("inf"), float("inf")
+    for _ in range(args.repeats):
+        with torch.inference_mode():
+            start = time.perf_counter()
+            for b in loader():
+                backbone(b.images)
+            backbone_only = min(backbone_only, time.perf_counter() - start)
+        subprocess.run(["rm", "-rf", str(store)], check=True)
+        # the same (already built) backbone: model construction is a one-off cost outside both loops
+        whole = min(whole, timed(lambda: generate(images, store, settings, options, backbone=backbone))[1])
     # The saliency part alone (Eq. 3-4) on the C5 of one image, against the per-seed loop.
     with torch.inference_mode():
         batch = next(iter(loader()))
@@ -107,7 +116,7 @@ def throughput(args) -> dict:
         _, loop = timed(per_seed_loop, c5)
     n = len(names)
     return {
-        "images": n, "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
+        "images": n, "repeats": args.repeats, "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
         "workers": args.workers, "threads": torch.get_num_threads(), "c5_grid": [gh, gw],
         "whole_command_img_s": n / whole, "backbone_only_img_s": n / backbone_only,
         "ratio_whole_to_backbone_only": backbone_only / whole,
@@ -115,7 +124,14 @@ def throughput(args) -> dict:
         "saliency_vectorised_ms": vec / 5 * 1000, "saliency_per_seed_loop_ms": loop * 1000,
         "saliency_plus_nms_ms": full / 5 * 1000,
         "saliency_speedup": loop / (vec / 5),
+        "masks_per_image": store_summary_masks(store) / n,
     }
+
+
+def store_summary_masks(store: Path) -> int:
+    from store.pseudo_label_store import PseudoLabelStore
+
+    return int(PseudoLabelStore.open(store).progress["masks_done"])
 
 
 def memory_child(count: int, work: Path) -> None:
@@ -123,7 +139,7 @@ def memory_child(count: int, work: Path) -> None:
     store = work / f"mem{count}.zarr"
     subprocess.run(["rm", "-rf", str(store)], check=True)
     generate(images, store, GenerationSettings(backbone="resnet18", image_size=256, max_size=427),
-             RunOptions(batch_size=8, workers=1))
+             RunOptions(batch_size=8, workers=0))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"images": count, "peak_rss_mib_main": rss,
                       "peak_rss_mib_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
@@ -137,6 +153,8 @@ def main():
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--min-score", type=float, default=0.0)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of backbone-only and whole")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sp-bench"))
     parser.add_argument("--memory", type=int, nargs="*", help="peak memory runs for these image counts")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)

@@ -77,6 +77,8 @@ def gen_masks(
     shard: Annotated[Optional[str], typer.Option(help="I/N: process the I-th of N contiguous parts into "
                                                  "STORE_STEM.partI-of-N.zarr; join them with `sp store merge`.")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first K images (sorted by path).")] = None,
+    commit_every: Annotated[int, typer.Option(min=1, help="Commit to the store every N images; a crash "
+                                              "loses at most the last N, redone on rerun.")] = 32,
     seed_pools: Annotated[str, typer.Option(help="Seed scales: C5 average-pooled by these factors.")] = "1,2,4",
     threshold: Annotated[float, typer.Option(help="Binarisation threshold of the normalised similarity map.")] = 0.5,
     min_cells: Annotated[int, typer.Option(help="Drop candidates covering fewer C5 cells.")] = 2,
@@ -107,7 +109,7 @@ def gen_masks(
                                     min_score=min_score, max_width_frac=max_width_frac,
                                     min_center_y_frac=min_center_y_frac))
         options = RunOptions(batch_size=batch_size, workers=workers, device=resolve_device(device),
-                             shard=parse_shard(shard) if shard else None, limit=limit)
+                             shard=parse_shard(shard) if shard else None, limit=limit, commit_images=commit_every)
         result = generate(images_dir, store, settings, options, backbone_weights=backbone_weights)
     except (ValueError, OSError) as e:
         fail(str(e))

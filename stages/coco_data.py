@@ -13,13 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from models.saliency import mask_boxes
-from stages.image_data import load_image, resized_size
+from stages.image_data import load_image, network_input, resize_masks
 from stages.import_coco import annotation_mask
 
 
@@ -55,8 +53,6 @@ class CocoInstances(Dataset):
         self.file_names = [img["file_name"] for img in images]
         self.images_dir, self.image_size, self.max_size = Path(images_dir), image_size, max_size
         self.flip_prob, self.rotate_deg, self.seed, self.epoch = flip_prob, rotate_deg, seed, 0
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __len__(self):
         return len(self.image_ids)
@@ -69,17 +65,8 @@ class CocoInstances(Dataset):
 
     def __getitem__(self, k: int) -> dict:
         name, height, width, image_id, anns = self.record(k)
-        im = load_image(self.images_dir / name)
-        if im.size != (width, height):
-            raise ValueError(f"{self.images_dir / name} is {im.size[1]}x{im.size[0]}, the JSON says {height}x{width}")
-        rh, rw = resized_size(height, width, self.image_size, self.max_size)
-        pixels = torch.from_numpy(np.asarray(im.resize((rw, rh))).copy()).permute(2, 0, 1).float() / 255.0
-        image = (pixels - self.mean) / self.std
-        if anns:
-            masks = torch.from_numpy(np.stack([annotation_mask({"segmentation": s}, height, width) for s, _ in anns]))
-            masks = F.interpolate(masks[None].float(), size=(rh, rw), mode="nearest")[0] > 0.5
-        else:
-            masks = torch.zeros(0, rh, rw, dtype=torch.bool)
+        image = network_input(load_image(self.images_dir / name, (height, width)), self.image_size, self.max_size)
+        masks = resize_masks([annotation_mask({"segmentation": s}, height, width) for s, _ in anns], image.shape[1:])
         labels = torch.tensor([label for _, label in anns], dtype=torch.long)
         rng = np.random.default_rng([self.seed, self.epoch, k])
         if rng.random() < self.flip_prob:

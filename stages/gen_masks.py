@@ -62,6 +62,7 @@ class RunOptions:
     device: str = "cpu"
     shard: tuple[int, int] | None = None  # (index, count)
     limit: int | None = None
+    commit_images: int = 32  # commit to the store every this many images (a crash loses at most these)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -155,26 +156,39 @@ def to_results(batch: Batch, proposals: list[Proposal]) -> list[ImageResult]:
 
 
 class StoreWriter(threading.Thread):
-    """Encodes RLE and appends results to the store off the critical path; errors surface in `put`."""
+    """Encodes RLE and appends results to the store off the critical path; errors surface in `put`.
 
-    def __init__(self, store: PseudoLabelStore, on_written: Callable[[list[ImageResult]], None]):
+    Results are committed in groups of at least `commit_images` images: each commit rewrites the open chunk
+    of every array, so committing every small batch would cost more than the work it protects."""
+
+    def __init__(self, store: PseudoLabelStore, on_written: Callable[[list[ImageResult]], None],
+                 commit_images: int = 32):
         super().__init__(daemon=True)
-        self.store, self.on_written = store, on_written
+        self.store, self.on_written, self.commit_images = store, on_written, commit_images
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
 
     def run(self):
-        while (results := self.queue.get()) is not None:
+        pending: list[ImageResult] = []
+        while True:
+            results = self.queue.get()
             if self.error is not None:
+                if results is None:
+                    return
                 continue
             try:
-                for r in results:
+                for r in results or []:
                     if r.status == DONE:
                         r.rle = rle.encode_batch(r.rle)
-                self.store.append(results)
-                self.on_written(results)
+                pending += results or []
+                if pending and (results is None or len(pending) >= self.commit_images):
+                    self.store.append(pending)
+                    self.on_written(pending)
+                    pending = []
             except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                 self.error = e
+            if results is None:
+                return
 
     def put(self, results):
         if self.error is not None:
@@ -190,11 +204,14 @@ class StoreWriter(threading.Thread):
 
 def generate(images_dir: Path, store_path: Path, settings: GenerationSettings, options: RunOptions,
              backbone_weights: Path | None = None, file_names: list[str] | None = None,
-             proposer: Callable | None = None, extra_attrs: dict | None = None) -> PseudoLabelStore:
+             proposer: Callable | None = None, extra_attrs: dict | None = None,
+             backbone: torch.nn.Module | None = None) -> PseudoLabelStore:
     """Run stage 1 (or resume it) and return the finished store (a part store with --shard).
 
     file_names: the images to process, relative to images_dir (default: every image in the folder).
     proposer: the proposal method (default: PROPOSERS[settings.method]).
+    backbone: an already built C5 backbone to reuse (it must be the one `settings` and `backbone_weights`
+    describe); by default it is built here.
     """
     images_dir = Path(images_dir)
     names = file_names if file_names is not None else list_images(images_dir)
@@ -206,9 +223,10 @@ def generate(images_dir: Path, store_path: Path, settings: GenerationSettings, o
         store_path = part_path(Path(store_path), options.shard)
     if backbone_weights is not None:
         settings.backbone_weights_sha256 = file_sha256(backbone_weights)
-    else:
+    if backbone is None:
         torch.manual_seed(settings.init_seed)  # a random backbone must at least be the same on resume
-    backbone = build_backbone(settings.backbone, backbone_weights, out_levels=("c5",)).to(options.device).eval()
+        backbone = build_backbone(settings.backbone, backbone_weights, out_levels=("c5",))
+    backbone = backbone.to(options.device).eval()
     attrs = {"images_root": str(images_dir.resolve()), "shard": list(options.shard or (0, 1)),
              "image_range": [span.start, span.stop], "batch_size": options.batch_size, **(extra_attrs or {})}
     store = PseudoLabelStore.open_for_append(store_path, names, settings.to_dict(),
@@ -231,7 +249,7 @@ def generate(images_dir: Path, store_path: Path, settings: GenerationSettings, o
         bar.update(len(results))
         bar.set_postfix(masks=stats["masks"], skipped=stats["skipped"])
 
-    writer = StoreWriter(store, on_written)
+    writer = StoreWriter(store, on_written, options.commit_images)
     writer.start()
     try:
         with torch.inference_mode():

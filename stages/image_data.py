@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -40,11 +41,35 @@ def resized_size(height: int, width: int, image_size: int, max_size: int) -> tup
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def load_image(path: Path) -> Image.Image:
-    """Decode fully (truncated files fail here, not later) to RGB. EXIF rotation is ignored, as in COCO."""
+def load_image(path: Path, expected_hw: tuple[int, int] | None = None) -> Image.Image:
+    """Decode fully (truncated files fail here, not later) to RGB. EXIF rotation is ignored, as in COCO.
+    With expected_hw, a file of another size (the labels would not fit it) is a ValueError naming it."""
     with Image.open(path) as im:
         im.load()
-        return im.convert("RGB")
+        im = im.convert("RGB")
+    if expected_hw is not None and im.size != (expected_hw[1], expected_hw[0]):
+        raise ValueError(f"{path} is {im.size[1]}x{im.size[0]}, its labels say {expected_hw[0]}x{expected_hw[1]}")
+    return im
+
+
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def network_input(im: Image.Image, image_size: int, max_size: int) -> torch.Tensor:
+    """Resize keeping the aspect ratio and ImageNet-normalise: (3, Hr, Wr) float."""
+    rh, rw = resized_size(im.height, im.width, image_size, max_size)
+    im = im.resize((rw, rh), Image.BILINEAR) if (rh, rw) != (im.height, im.width) else im
+    pixels = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0
+    return (pixels - MEAN) / STD
+
+
+def resize_masks(masks: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+    """Binary masks (each (H, W)) → (L, h, w) bool by nearest-neighbour resizing; L = 0 is fine."""
+    if not masks:
+        return torch.zeros(0, *size, dtype=torch.bool)
+    stacked = torch.from_numpy(np.stack(masks))[None].float()
+    return F.interpolate(stacked, size=size, mode="nearest")[0] > 0.5
 
 
 class ImageFolder(Dataset):
@@ -53,8 +78,6 @@ class ImageFolder(Dataset):
     def __init__(self, root: Path, file_names: list[str], image_size: int, max_size: int, first_index: int = 0):
         self.root, self.file_names = Path(root), list(file_names)
         self.image_size, self.max_size, self.first_index = image_size, max_size, first_index
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __len__(self):
         return len(self.file_names)
@@ -67,11 +90,7 @@ class ImageFolder(Dataset):
         except Exception as e:  # noqa: BLE001 - any decoder failure means: skip this image, say why
             item["reason"] = f"{type(e).__name__}: {e}"
             return item
-        width, height = im.size
-        rh, rw = resized_size(height, width, self.image_size, self.max_size)
-        im = im.resize((rw, rh), Image.BILINEAR) if (rh, rw) != (height, width) else im
-        pixels = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0
-        item.update(image=(pixels - self.mean) / self.std, image_hw=(height, width))
+        item.update(image=network_input(im, self.image_size, self.max_size), image_hw=(im.height, im.width))
         return item
 
 

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from models.backbone import IMAGENET_MEAN, IMAGENET_STD
-from stages.image_data import STRIDE, load_image, resized_size
+from stages.image_data import STRIDE, load_image, network_input, resize_masks
 from store import rle
 from store.pseudo_label_store import DONE, PseudoLabelStore, StoreError
 
@@ -43,8 +42,6 @@ class PseudoLabelDataset(Dataset):
         self.boxes = store.mask_array("box").copy()
         self.epoch = 0
         self._store: PseudoLabelStore | None = None
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         missing = [self.names[i].decode() for i in self.images[:1] if not (self.images_dir / self.names[i].decode()).exists()]
         if missing:
             raise FileNotFoundError(f"{self.images_dir / missing[0]} does not exist: is --images the folder "
@@ -61,18 +58,10 @@ class PseudoLabelDataset(Dataset):
             self._store = PseudoLabelStore.open(self.store_path)
         i = int(self.images[k])
         name, height, width = self.names[i].decode(), int(self.heights[i]), int(self.widths[i])
-        im = load_image(self.images_dir / name)
-        if im.size != (width, height):
-            raise ValueError(f"{name} is {im.size[1]}x{im.size[0]} but the store says {height}x{width}")
-        rh, rw = resized_size(height, width, self.image_size, self.max_size)
-        pixels = torch.from_numpy(np.asarray(im.resize((rw, rh))).copy()).permute(2, 0, 1).float() / 255.0
-        image = (pixels - self.mean) / self.std
-        counts = self._store.rle(i)
-        if counts:
-            masks = torch.from_numpy(np.stack([rle.decode(c, height, width) for c in counts]))
-            masks = F.interpolate(masks[None].float(), size=(rh, rw), mode="nearest")[0] > 0.5
-        else:  # an image without pseudo masks still trains the classifier's background
-            masks = torch.zeros(0, rh, rw, dtype=torch.bool)
+        image = network_input(load_image(self.images_dir / name, (height, width)), self.image_size, self.max_size)
+        rh, rw = image.shape[1:]
+        # an image without pseudo masks (L = 0) still trains the classifier's background
+        masks = resize_masks([rle.decode(c, height, width) for c in self._store.rle(i)], (rh, rw))
         boxes = torch.from_numpy(self.boxes[self.offsets[i]:self.offsets[i + 1]]) * torch.tensor(
             [rw / width, rh / height, rw / width, rh / height])
         seeds = torch.from_numpy(self._store.seed_features(i).astype(np.float32))

@@ -83,7 +83,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
     """Stop before a NaN or inf reaches the weights, naming the step and the loss term."""
-    bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(v).all()}
+    bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v).all()}
     if bad:
         terms = ", ".join(f"{k} = {v}" for k, v in bad.items())
         raise FloatingPointError(f"non-finite loss at step {step}: {terms}; the last checkpoint is unchanged "

@@ -115,7 +115,8 @@ class PseudoLabelStore:
         cls._array(masks, "rle_end", np.zeros(0, "int64"))
         masks.create_array("seed_feature", shape=(0, feature_dim), dtype="float16",
                            chunks=(SEED_ROWS_PER_CHUNK, feature_dim), compressors=None, fill_value=0)
-        cls._array(root.create_group("rle"), "bytes", np.zeros(0, "uint8"), chunk=1 << 22)
+        # 256 KiB chunks: every commit rewrites the open chunk, so it must stay small
+        cls._array(root.create_group("rle"), "bytes", np.zeros(0, "uint8"), chunk=1 << 18)
         root.attrs.update({
             "schema_version": SCHEMA_VERSION, "settings": settings, "settings_hash": settings_hash(settings),
             "feature_dim": feature_dim, "num_images": n, "created": datetime.datetime.now().isoformat(),

@@ -152,7 +152,8 @@ def _sp(*args, **kw):
 
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(demo, tmp_path):
     args = ["gen-masks", str(demo["unlabeled"]), "--backbone", "resnet18", "--image-size", "128",
-            "--max-size", "192", "--batch-size", "2", "--workers", "1", "--device", "cpu", "--min-score", "0.5"]
+            "--max-size", "192", "--batch-size", "2", "--workers", "1", "--device", "cpu", "--min-score", "0.5",
+            "--commit-every", "2"]
     assert _sp(*args, "--store", str(tmp_path / "full.zarr")).wait(timeout=300) == 0
     victim = tmp_path / "killed.zarr"
     proc = _sp(*args, "--store", str(victim))

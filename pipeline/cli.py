@@ -60,6 +60,7 @@ MaxSize = Annotated[int, typer.Option(help="Cap on the long side of the backbone
 BatchSize = Annotated[int, typer.Option(min=1, help="Images per backbone batch.")]
 Workers = Annotated[int, typer.Option(min=0, help="DataLoader processes decoding images.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda when available).")]
+FinetuneCheckpoint = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A `sp finetune` checkpoint.")]
 
 
 @app.command("gen-masks")
@@ -370,7 +371,7 @@ def finetune_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    checkpoint: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A `sp finetune` checkpoint.")],
+    checkpoint: FinetuneCheckpoint,
     ann: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="COCO instances JSON to evaluate on.")],
     images: Annotated[Path, typer.Option(help="Its image folder.")],
     out: Annotated[Optional[Path], typer.Option(help="Write the metrics (JSON) here, and the COCO results "
@@ -402,7 +403,7 @@ def evaluate_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    checkpoint: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A `sp finetune` checkpoint.")],
+    checkpoint: FinetuneCheckpoint,
     images_dir: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     out: Annotated[Path, typer.Option(help="Folder for results.json (COCO results, RLE) and PNG overlays.")],
     score_threshold: Annotated[float, typer.Option(help="Keep detections at least this confident.")] = 0.3,

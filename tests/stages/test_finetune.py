@@ -100,3 +100,34 @@ def test_transfer_weights_reports_missing_keys_as_reinitialised():
     report = transfer_weights(model, {"0.weight": torch.ones(3, 2), "9.weight": torch.ones(1)})
     assert report == {"loaded": ["0.weight"], "reinitialised": ["0.bias", "1.bias", "1.weight"], "ignored": ["9.weight"]}
     assert torch.equal(model[0].weight, torch.ones(3, 2))
+
+
+def _real_coco():
+    """The first dataset under ../shared/datasets with a COCO instances JSON beside its images, if any."""
+    from conftest import SHARED_DATASETS
+
+    for source in sorted(SHARED_DATASETS.glob("*/SOURCE.md")):
+        for ann in sorted(source.parent.rglob("*.json")):
+            try:
+                data = json.loads(ann.read_text())
+            except (ValueError, OSError):
+                continue
+            if isinstance(data, dict) and data.get("annotations") and data.get("images"):
+                images = next((p for p in [ann.parent, *ann.parent.parent.iterdir()] if p.is_dir() and
+                               (p / data["images"][0]["file_name"]).exists()), None)
+                if images is not None:
+                    return ann, images
+    return None
+
+
+@pytest.mark.skipif(_real_coco() is None, reason="no real COCO-format dataset in ../shared/datasets yet "
+                    "(see its README.md)")
+def test_real_data_end_to_end(tmp_path, one_thread):
+    ann, images = _real_coco()
+    data = json.loads(ann.read_text())
+    subset = {**data, "images": data["images"][:4]}
+    ids = {img["id"] for img in subset["images"]}
+    subset["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    (tmp_path / "sub.json").write_text(json.dumps(subset))
+    records = overfit("knet", tmp_path / "sub.json", images, tmp_path / "run", epochs=2, lr=1e-4)
+    assert "segm_AP" in records[-1]

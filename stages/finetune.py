@@ -1,7 +1,7 @@
 """Stage 2b, `sp finetune`: K-Net (optionally from a `sp pretrain` checkpoint) or the torchvision Mask R-CNN
 baseline on a small labeled COCO set, evaluated every `eval_every` epochs (paper §4.1, Figures 3-4).
 
-Writes into the run folder: last.pth / epoch_NNN.pth / final.pth, best.pth (highest mask AP on --val-ann:
+Writes into the run folder: last.pth / final.pth (epoch_NNN.pth with keep_every), best.pth (highest mask AP on --val-ann:
 report on another split, or report last.pth), metrics.jsonl with the AP curve, and curve.png.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from stages.coco_data import CocoInstances, load_instances
 from stages.evaluate import coco_evaluate, predictions_to_results
 from stages.inference import predict_images, unnormalise
 from stages.pseudo_label_data import collate_training
-from stages.training import LoopConfig, Schedule, init_distributed, save_checkpoint, seed_everything, train_loop
+from stages.training import LoopConfig, Schedule, init_distributed, link_checkpoint, seed_everything, train_loop
 
 log = logging.getLogger(__name__)
 PRETRAIN_ONLY = ("prompt",)  # checkpoint entries that fine-tuning never loads
@@ -61,6 +61,7 @@ class FinetuneConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0
+    keep_every: int = 0  # keep epoch_NNN.pth every N epochs (0: last, best and final only)
     resume: bool = False
 
     def to_dict(self) -> dict:
@@ -180,14 +181,13 @@ def finetune(cfg: FinetuneConfig) -> Path:
         log.info("epoch %d: mask AP %.1f, box AP %.1f", epoch, record["segm_AP"], record["bbox_AP"])
         if record["segm_AP"] > best["AP"]:
             best["AP"] = record["segm_AP"]
-            save_checkpoint(cfg.out / "best.pth", torch.load(cfg.out / "last.pth", map_location="cpu",
-                                                              weights_only=False))
+            link_checkpoint(cfg.out / "last.pth", cfg.out / "best.pth")
         plot_curve(cfg.out)
         return record
 
     loop = LoopConfig(out=cfg.out, epochs=cfg.epochs, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
                       clip_norm=cfg.clip_norm, schedule=cfg.schedule, log_every=cfg.log_every,
-                      checkpoint_every=cfg.checkpoint_every, resume=cfg.resume)
+                      checkpoint_every=cfg.checkpoint_every, keep_every=cfg.keep_every, resume=cfg.resume)
     return train_loop(loop, dist, {"model": model}, optimizer, dataset, collate_training,
                       loss_function(train_model, cfg.model, dist.device), extra, on_epoch_end=on_epoch_end)
 

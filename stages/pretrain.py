@@ -3,7 +3,8 @@
 
 One step: K-Net forward with prompts injected into the RPN-stage kernels → Hungarian matching per stage →
 focal/dice/BCE losses (+ kernel supervision) → AdamW step with warm-up and step decay, gradient clipping.
-A checkpoint (torchvision-style dict) is written every epoch, every `checkpoint_every` steps and at the end;
+A checkpoint (torchvision-style dict) is written every epoch (`last.pth`; `epoch_NNN.pth` kept every
+`keep_every` epochs), every `checkpoint_every` steps and at the end;
 `resume` continues from the last one exactly: the data order, flips and prompt dropout depend only on the
 seed, the epoch and the step.
 """
@@ -49,6 +50,7 @@ class PretrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
+    keep_every: int = 1  # keep epoch_NNN.pth every N epochs (0: last and final only)
     resume: bool = False
 
     def to_dict(self) -> dict:
@@ -91,7 +93,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     loop = LoopConfig(out=cfg.out, epochs=cfg.epochs, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
                       clip_norm=cfg.clip_norm, schedule=cfg.schedule, log_every=cfg.log_every,
-                      checkpoint_every=cfg.checkpoint_every, resume=cfg.resume)
+                      checkpoint_every=cfg.checkpoint_every, keep_every=cfg.keep_every, resume=cfg.resume)
     extra = {"args": cfg.to_dict(), "model_config": dataclasses.asdict(cfg.model),
              "store_settings_hash": dataset.settings_hash, "kind": "sp-pretrain"}
     return train_loop(loop, dist, {"model": model, "prompt": prompt}, optimizer, dataset, collate_training,

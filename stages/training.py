@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,6 +80,18 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def link_checkpoint(source: Path, target: Path) -> None:
+    """`target` becomes the same file as `source` (a hard link, a copy where links are not possible), without
+    a second copy on disk; safe because checkpoints are replaced, never rewritten in place."""
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
@@ -162,6 +175,7 @@ class LoopConfig:
     schedule: Schedule = field(default_factory=Schedule)
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
+    keep_every: int = 0  # also keep epoch_NNN.pth every this many epochs (0: only last/final)
     resume: bool = False
 
 
@@ -170,8 +184,8 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
                extra_state: dict, check_resume: Callable[[dict], None] | None = None,
                on_epoch_end: Callable[[int], dict] | None = None, manual_sync: list[torch.nn.Module] = ()) -> Path:
     """The shared training loop: deterministic epoch sampler, lr schedule, finite-loss check, clipping,
-    metrics, checkpoints (`last.pth` every epoch and every `checkpoint_every` steps, `epoch_NNN.pth`) and exact
-    resume from `last.pth`. Returns the path of `final.pth`.
+    metrics, checkpoints (`last.pth` every epoch and every `checkpoint_every` steps, `epoch_NNN.pth` every
+    `keep_every` epochs) and exact resume from `last.pth`. Returns the path of `final.pth`.
 
     modules: saved and restored by name; loss_fn(batch, step) → named losses; on_epoch_end(epoch) → metrics
     to log (e.g. evaluation); manual_sync: modules outside DDP whose gradients are averaged by hand.
@@ -197,14 +211,14 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
     metrics = MetricsLog(loop.out, enabled=dist.main)
     metrics.truncate_after(step)
 
-    def checkpoint(epoch_: int, batch_in_epoch: int, name: str | None = None):
+    def checkpoint(epoch_: int, batch_in_epoch: int):
         if not dist.main:
             return
         state = {**{n: m.state_dict() for n, m in modules.items()}, "optimizer": optimizer.state_dict(),
                  "epoch": epoch_, "step": step, "batch_in_epoch": batch_in_epoch, **extra_state}
         save_checkpoint(last, state)
-        if name:
-            save_checkpoint(loop.out / name, state)
+        if batch_in_epoch == 0 and loop.keep_every and epoch_ % loop.keep_every == 0:
+            link_checkpoint(last, loop.out / f"epoch_{epoch_:03d}.pth")
 
     per_epoch = sampler.batches_per_epoch()
     bar = tqdm(total=loop.epochs * per_epoch, initial=step, unit="step", desc=loop.out.name, disable=not dist.main)
@@ -241,7 +255,7 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
             if loop.checkpoint_every and step % loop.checkpoint_every == 0:
                 checkpoint(epoch, batch_in_epoch + 1)
         epoch, start_batch = epoch + 1, 0
-        checkpoint(epoch, 0, f"epoch_{epoch:03d}.pth")
+        checkpoint(epoch, 0)
         if on_epoch_end is not None:
             record = on_epoch_end(epoch)
             if record:
@@ -249,7 +263,7 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
     bar.close()
     final = loop.out / "final.pth"
     if dist.main:
-        save_checkpoint(final, torch.load(last, map_location="cpu", weights_only=False))
+        link_checkpoint(last, final)
         log.info("training done: %s", final)
     return final
 

@@ -9,7 +9,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from store.pseudo_label_store import DONE, ImageResult, PseudoLabelStore, StoreError
+from store.pseudo_label_store import ImageResult, PseudoLabelStore, StoreError
 
 log = logging.getLogger(__name__)
 PART_GLOB = "{stem}.part*-of-*.zarr"

@@ -7,7 +7,6 @@ from stages.eval_masks import evaluate_pseudo_masks
 from stages.gen_masks import RunOptions
 from stages.import_coco import annotation_mask, import_coco
 from store import rle
-from store.pseudo_label_store import PseudoLabelStore
 
 
 def test_imported_ground_truth_is_a_perfect_store(demo, tmp_path):

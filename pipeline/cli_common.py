@@ -1,0 +1,61 @@
+"""What every `sp` command shares: the typer app, logging set-up, error exit, device choice and option types."""
+from __future__ import annotations
+
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="Saliency-Prompt pre-training for query-based instance segmentation (CVPR 2023).")
+store_app = typer.Typer(no_args_is_help=True, help="Inspect, merge, export and import pseudo-label stores.")
+app.add_typer(store_app, name="store")
+log = logging.getLogger("sp")
+
+
+class Method(str, Enum):
+    saliency = "saliency"
+    random = "random"
+
+
+class Nms(str, Enum):
+    matrix = "matrix"
+    greedy = "greedy"
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False):
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:  # COCOeval's own summary lines; we print our table instead
+        logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
+
+
+def fail(message: str):
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+Backbone = Annotated[str, typer.Option(help="torchvision ResNet: resnet18, resnet34, resnet50 or resnet101.")]
+BackboneWeights = Annotated[Optional[Path], typer.Option(
+    exists=True, dir_okay=False, help="Local weights file: torchvision, MoCo-v2/DenseCL (module.encoder_q.), "
+    "mmselfsup (backbone.) or detectron2 (.pkl) layout. Without it the backbone is random (a warning says so).")]
+ImageSize = Annotated[int, typer.Option(help="Short side of the backbone input, in pixels.")]
+MaxSize = Annotated[int, typer.Option(help="Cap on the long side of the backbone input.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Images per backbone batch.")]
+Workers = Annotated[int, typer.Option(min=0, help="DataLoader processes decoding images.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda when available).")]
+FinetuneCheckpoint = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A `sp finetune` checkpoint.")]

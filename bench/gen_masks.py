@@ -68,13 +68,15 @@ def throughput(args) -> dict:
     settings = GenerationSettings(backbone=args.backbone, image_size=args.image_size, max_size=args.max_size,
                                   saliency=SaliencyConfig(min_score=args.min_score, max_width_frac=1.01,
                                                           min_center_y_frac=0.0))
-    backbone = build_backbone(args.backbone, None, out_levels=("c5",)).eval()
+    backbone = build_backbone(args.backbone, None, out_levels=("c5",)).to(args.device).eval()
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     loader = lambda: batch_loader(ImageFolder(images, names, args.image_size, args.max_size),  # noqa: E731
                                   args.batch_size, args.workers)
     # Warm-up: numba compilation and the first allocator growth are not part of steady state.
     with torch.inference_mode():
         for batch in loader():
-            results = to_results(batch, saliency_proposals(backbone(batch.images)["c5"], batch, settings))
+            c5 = backbone(batch.images.to(args.device))["c5"]
+            results = to_results(batch, saliency_proposals(c5, batch, settings))
             [rle.encode_batch(r.rle) for r in results]
             break
     t = {"decode": 0.0, "backbone": 0.0, "saliency_nms": 0.0, "encode": 0.0}
@@ -83,9 +85,9 @@ def throughput(args) -> dict:
         tick = time.perf_counter()
         for batch in loader():
             t["decode"] += time.perf_counter() - tick  # time spent waiting for decoded batches
-            c5, dt = timed(lambda: backbone(batch.images)["c5"])
+            c5, dt = timed(lambda: (backbone(batch.images.to(args.device))["c5"], sync())[0])
             t["backbone"] += dt
-            proposals, dt = timed(saliency_proposals, c5, batch, settings)
+            proposals, dt = timed(lambda: (saliency_proposals(c5, batch, settings), sync())[0])
             t["saliency_nms"] += dt
             results = to_results(batch, proposals)
             _, dt = timed(lambda: [rle.encode_batch(r.rle) for r in results])
@@ -93,14 +95,15 @@ def throughput(args) -> dict:
             tick = time.perf_counter()
     breakdown_total = time.perf_counter() - start
     store = args.work / f"bench-{args.backbone}-{args.image_size}-{args.images}.zarr"
-    options = RunOptions(batch_size=args.batch_size, workers=args.workers)
+    options = RunOptions(batch_size=args.batch_size, workers=args.workers, device=args.device)
     # This machine's speed drifts between runs: alternate the two measurements and keep the best of each.
     backbone_only, whole = float("inf"), float("inf")
     for _ in range(args.repeats):
         with torch.inference_mode():
             start = time.perf_counter()
             for b in loader():
-                backbone(b.images)
+                backbone(b.images.to(args.device))
+            sync()
             backbone_only = min(backbone_only, time.perf_counter() - start)
         subprocess.run(["rm", "-rf", str(store)], check=True)
         # the same (already built) backbone: model construction is a one-off cost outside both loops
@@ -109,14 +112,15 @@ def throughput(args) -> dict:
     with torch.inference_mode():
         batch = next(iter(loader()))
         gh, gw = batch.grid_hw[0]
-        c5 = backbone(batch.images[:1])["c5"][0, :, :gh, :gw]
-        valid = torch.ones(1, gh, gw, dtype=torch.bool)
+        c5 = backbone(batch.images[:1].to(args.device))["c5"][0, :, :gh, :gw]
+        valid = torch.ones(1, gh, gw, dtype=torch.bool, device=args.device)
         _, vec = timed(lambda: [saliency_maps(c5[None], valid) for _ in range(5)])
         _, full = timed(lambda: [select_candidates(c5[None], valid, SaliencyConfig()) for _ in range(5)])
         _, loop = timed(per_seed_loop, c5)
     n = len(names)
     return {
-        "images": n, "repeats": args.repeats, "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
+        "images": n, "repeats": args.repeats, "device": args.device,
+        "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
         "workers": args.workers, "threads": torch.get_num_threads(), "c5_grid": [gh, gw],
         "whole_command_img_s": n / whole, "backbone_only_img_s": n / backbone_only,
         "ratio_whole_to_backbone_only": backbone_only / whole,
@@ -153,6 +157,7 @@ def main():
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--min-score", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of backbone-only and whole")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sp-bench"))

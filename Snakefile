@@ -21,7 +21,7 @@ def settings_hash(settings):
 # training settings share it, and any change of a generation setting makes a new one.
 GEN = dict(config["gen_masks"], images=config["unlabeled_images"])
 STORE = f"{RES}/stores/{settings_hash(GEN)}.zarr"
-PRETRAIN_KEYS = ["pretrain_model_flags", "pretrain_epochs", "pretrain_batch_size", "pretrain_lr_steps",
+PRETRAIN_KEYS = ["small_models", "pretrain_epochs", "pretrain_batch_size", "pretrain_lr_steps",
                  "pretrain_warmup_steps", "pretrain_image_size", "pretrain_max_size", "prompt", "kernel_loss_weight"]
 PRETRAIN = f"{RES}/pretrain/{settings_hash(GEN)}-{settings_hash({k: config[k] for k in PRETRAIN_KEYS})}"
 RUNS = list(config["finetune_runs"])
@@ -40,6 +40,8 @@ def gen_flags():
     return flags + (f" --backbone-weights {g['backbone_weights']}" if g["backbone_weights"] else "")
 
 
+# CPU-sized models (ResNet-18) or the paper's; `--config small_models=false` arrives as a string
+SMALL = "--small" if str(config["small_models"]).lower() in ("true", "1", "yes") else ""
 WEIGHTS = f"--backbone-weights {config['gen_masks']['backbone_weights']}" if config["gen_masks"]["backbone_weights"] else ""
 # Shell commands ({threads}, {input}, {params.x} and {config[x]} are filled in by Snakemake).
 GEN_MASKS_CMD = (
@@ -48,14 +50,14 @@ GEN_MASKS_CMD = (
     f"--device {{config[device]}} {gen_flags()}")
 PRETRAIN_CMD = (
     f"OMP_NUM_THREADS={{threads}} {{params.sp}} pretrain --store {STORE} --images {{config[unlabeled_images]}} "
-    f"--out {PRETRAIN} {{config[pretrain_model_flags]}} --epochs {{config[pretrain_epochs]}} "
+    f"--out {PRETRAIN} {SMALL} --epochs {{config[pretrain_epochs]}} "
     f"--batch-size {{config[pretrain_batch_size]}} {{params.lr_steps}} --warmup-steps {{config[pretrain_warmup_steps]}} "
     f"--image-size {{config[pretrain_image_size]}} --max-size {{config[pretrain_max_size]}} --prompt {{config[prompt]}} "
     f"--kernel-loss-weight {{config[kernel_loss_weight]}} --workers 0 --device {{config[device]}} --resume {WEIGHTS}")
 FINETUNE_CMD = (
     f"OMP_NUM_THREADS={{threads}} {{params.sp}} finetune --train-ann {{input.ann}} --train-images {{config[train_images]}} "
     f"--val-ann {{config[val_ann]}} --val-images {{config[val_images]}} --out {RES}/finetune/{{wildcards.run}} "
-    f"--model {{params.model}} {{config[finetune_model_flags]}} {{params.init}} {WEIGHTS} "
+    f"--model {{params.model}} {SMALL} {{params.init}} {WEIGHTS} "
     f"--epochs {{config[finetune_epochs]}} --batch-size {{config[finetune_batch_size]}} {{params.lr_steps}} "
     f"--warmup-steps {{config[finetune_warmup_steps]}} --image-size {{config[finetune_image_size]}} "
     f"--max-size {{config[finetune_max_size]}} --workers 0 --device {{config[device]}} --resume")

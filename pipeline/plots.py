@@ -24,12 +24,12 @@ def line_chart(series: dict[str, list[tuple[float, float]]], out_png: Path, titl
         return (left + (x - x0) / (x1 - x0) * (width - left - right),
                 height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
 
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
     for i in range(5):  # y grid with labels
         y = y0 + (y1 - y0) * i / 4
         _, py = at(x0, y)
         draw.line([left, py, width - right, py], fill=(225, 225, 225))
         draw.text((5, py - 6), f"{y:.1f}", fill="black")
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")  # over the grid
     for x in sorted(set(xs)):
         px, _ = at(x, y0)
         draw.text((px - 6, height - bottom + 5), f"{x:g}", fill="black")

@@ -24,7 +24,8 @@ from stages.coco_data import CocoInstances, load_instances
 from stages.evaluate import coco_evaluate, predictions_to_results
 from stages.inference import predict_images, unnormalise
 from stages.pseudo_label_data import collate_training
-from stages.training import LoopConfig, Schedule, init_distributed, link_checkpoint, seed_everything, train_loop
+from stages.training import (LoopConfig, Schedule, config_dict, init_distributed, link_checkpoint, seed_everything,
+                             train_loop)
 
 log = logging.getLogger(__name__)
 PRETRAIN_ONLY = ("prompt",)  # checkpoint entries that fine-tuning never loads
@@ -63,9 +64,6 @@ class FinetuneConfig:
     checkpoint_every: int = 0
     keep_every: int = 0  # keep epoch_NNN.pth every N epochs (0: last, best and final only)
     resume: bool = False
-
-    def to_dict(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
 
 def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
@@ -169,7 +167,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     previous = [json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines()] \
         if cfg.resume and (cfg.out / "metrics.jsonl").exists() else []
     best = {"AP": max((r["segm_AP"] for r in previous if "segm_AP" in r), default=float("-inf"))}
-    extra = {"args": cfg.to_dict(), "model_kind": cfg.model, "model_config": dataclasses.asdict(model_config),
+    extra = {"args": config_dict(cfg), "model_kind": cfg.model, "model_config": dataclasses.asdict(model_config),
              "categories": dataset.categories, "kind": "sp-finetune"}
 
     def on_epoch_end(epoch: int) -> dict:

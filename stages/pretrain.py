@@ -22,7 +22,7 @@ from models.knet import KNetConfig, build_knet
 from models.losses import knet_losses
 from models.saliency_prompt import PromptConfig, SaliencyPrompt
 from stages.pseudo_label_data import PseudoLabelDataset, collate_training
-from stages.training import LoopConfig, Schedule, init_distributed, seed_everything, train_loop
+from stages.training import LoopConfig, Schedule, config_dict, init_distributed, seed_everything, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,6 @@ class PretrainConfig:
     checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
     keep_every: int = 1  # keep epoch_NNN.pth every N epochs (0: last and final only)
     resume: bool = False
-
-    def to_dict(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
 
 def training_step(model, prompt: SaliencyPrompt, batch: dict, cfg: PretrainConfig, step: int, device: str):
@@ -94,7 +91,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     loop = LoopConfig(out=cfg.out, epochs=cfg.epochs, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
                       clip_norm=cfg.clip_norm, schedule=cfg.schedule, log_every=cfg.log_every,
                       checkpoint_every=cfg.checkpoint_every, keep_every=cfg.keep_every, resume=cfg.resume)
-    extra = {"args": cfg.to_dict(), "model_config": dataclasses.asdict(cfg.model),
+    extra = {"args": config_dict(cfg), "model_config": dataclasses.asdict(cfg.model),
              "store_settings_hash": dataset.settings_hash, "kind": "sp-pretrain"}
     return train_loop(loop, dist, {"model": model, "prompt": prompt}, optimizer, dataset, collate_training,
                       lambda batch, step: training_step(train_model, prompt, batch, cfg, step, dist.device),

@@ -2,6 +2,7 @@
 metrics logs and the finite-loss check."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -36,6 +37,11 @@ class Schedule:
         if step < self.warmup_steps:
             return decay * (self.warmup_ratio + (1 - self.warmup_ratio) * step / self.warmup_steps)
         return decay
+
+
+def config_dict(cfg) -> dict:
+    """A run's dataclass config as plain values (paths as strings), for the checkpoint's 'args'."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:

@@ -2,30 +2,66 @@
 #   snakemake --cores 2 demo          # the whole pipeline on the built-in demo data
 #   snakemake --cores N pretrain      # pseudo masks, then pre-training
 #   snakemake --cores N all           # + fine-tuning, evaluation and the results table
+#   snakemake --cores 2 all --configfile experiments/low_data.yaml   # the low-data experiment (experiments/)
 # Every rule only calls `sp` commands; README.md shows each of them by hand.
 import hashlib
 import json
+import os
 
-configfile: "config/config.yaml"
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")  # also with --directory elsewhere
 
 RES = config["results"]
 THREADS = int(config["threads"])
 NSHARDS = int(config["shards"])
+SEEDS = [int(s) for s in config["seeds"]]
+DEMO = config["demo_data"]["dir"]
+GPUS = 0 if config["device"] == "cpu" else int(config["nproc_per_node"])  # per training job
+PRETRAIN_KEYS = ["small_models", "pretrain_epochs", "pretrain_batch_size", "pretrain_lr_steps",
+                 "pretrain_warmup_steps", "pretrain_image_size", "pretrain_max_size", "prompt", "kernel_loss_weight"]
 
 
 def settings_hash(settings):
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-# The store is named by its generation settings (and input folder): experiments that differ only in
-# training settings share it, and any change of a generation setting makes a new one.
-GEN = dict(config["gen_masks"], images=config["unlabeled_images"])
-STORE = f"{RES}/stores/{settings_hash(GEN)}.zarr"
-PRETRAIN_KEYS = ["small_models", "pretrain_epochs", "pretrain_batch_size", "pretrain_lr_steps",
-                 "pretrain_warmup_steps", "pretrain_image_size", "pretrain_max_size", "prompt", "kernel_loss_weight"]
-PRETRAIN = f"{RES}/pretrain/{settings_hash(GEN)}-{settings_hash({k: config[k] for k in PRETRAIN_KEYS})}"
-RUNS = list(config["finetune_runs"])
-GPUS = 0 if config["device"] == "cpu" else int(config["nproc_per_node"])  # per training job
+def named(section, allowed):
+    """{name: overrides} of a config list of named entries; unknown keys and repeated names are errors."""
+    entries = {}
+    for entry in config[section]:
+        name = entry.get("name")
+        unknown = set(entry) - {"name", *allowed}
+        if not name or name in entries or unknown:
+            raise ValueError(f"config {section}: each entry needs a unique name and only the keys "
+                             f"{sorted(allowed)}; got {entry}")
+        entries[name] = {k: v for k, v in entry.items() if k != "name"}
+    return entries
+
+
+# A store is named by its generation settings (and input folder), a pre-training run by its store and its
+# settings: experiments that differ only in later settings share them, and any change makes a new one.
+STORE_OF = {}  # store name -> hash
+STORE_SETTINGS = {}  # hash -> generation settings
+for name, over in named("stores", config["gen_masks"]).items():
+    settings = dict(config["gen_masks"], **over)
+    STORE_OF[name] = settings_hash(dict(settings, images=config["unlabeled_images"]))
+    STORE_SETTINGS[STORE_OF[name]] = settings
+
+PRETRAIN_OF = {}  # pre-training run name -> "<store hash>-<settings hash>"
+PRETRAIN_SETTINGS = {}
+for name, over in named("pretrain_runs", ["store", *PRETRAIN_KEYS]).items():
+    store = STORE_OF[over.pop("store", next(iter(STORE_OF)))]
+    settings = {k: over.get(k, config[k]) for k in PRETRAIN_KEYS}
+    PRETRAIN_OF[name] = f"{store}-{settings_hash(settings)}"
+    PRETRAIN_SETTINGS[PRETRAIN_OF[name]] = dict(settings, store=store)
+
+RUNS = named("finetune_runs", ["model", "init"])
+for name, run in RUNS.items():
+    if run.get("init") and run["init"] not in PRETRAIN_OF:
+        raise ValueError(f"config finetune_runs: {name} starts from unknown pre-training run {run['init']}")
+
+
+def truthy(value):  # `--config small_models=false` arrives as a string
+    return str(value).lower() in ("true", "1", "yes")
 
 
 def sp(nproc=1):
@@ -33,40 +69,77 @@ def sp(nproc=1):
     return f"torchrun --standalone --nproc_per_node {nproc} -m pipeline.cli" if nproc > 1 else "sp"
 
 
-def gen_flags():
-    g = config["gen_masks"]
-    flags = (f"--method {g['method']} --backbone {g['backbone']} --image-size {g['image_size']} "
-             f"--max-size {g['max_size']} --min-score {g['min_score']} --max-masks {g['max_masks']} --nms {g['nms']}")
-    return flags + (f" --backbone-weights {g['backbone_weights']}" if g["backbone_weights"] else "")
+def flags(**options):
+    """Command-line flags: lists repeat the flag, booleans are bare flags, empty values are left out."""
+    out = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            out += [f"{flag} {v}" for v in value]
+        elif value not in ("", None):
+            out.append(f"{flag} {value}")
+    return " ".join(out)
 
 
-# CPU-sized models (ResNet-18) or the paper's; `--config small_models=false` arrives as a string
-SMALL = "--small" if str(config["small_models"]).lower() in ("true", "1", "yes") else ""
-WEIGHTS = f"--backbone-weights {config['gen_masks']['backbone_weights']}" if config["gen_masks"]["backbone_weights"] else ""
-# Shell commands ({threads}, {input}, {params.x} and {config[x]} are filled in by Snakemake).
-GEN_MASKS_CMD = (
-    f"OMP_NUM_THREADS={{threads}} sp gen-masks {{config[unlabeled_images]}} --store {STORE} "
-    f"--shard {{wildcards.i}}/{NSHARDS} --batch-size {{config[gen_batch_size]}} --workers {{threads}} "
-    f"--device {{config[device]}} {gen_flags()}")
-PRETRAIN_CMD = (
-    f"OMP_NUM_THREADS={{threads}} {{params.sp}} pretrain --store {STORE} --images {{config[unlabeled_images]}} "
-    f"--out {PRETRAIN} {SMALL} --epochs {{config[pretrain_epochs]}} "
-    f"--batch-size {{config[pretrain_batch_size]}} {{params.lr_steps}} --warmup-steps {{config[pretrain_warmup_steps]}} "
-    f"--image-size {{config[pretrain_image_size]}} --max-size {{config[pretrain_max_size]}} --prompt {{config[prompt]}} "
-    f"--kernel-loss-weight {{config[kernel_loss_weight]}} --workers 0 --device {{config[device]}} --resume {WEIGHTS}")
-FINETUNE_CMD = (
-    f"OMP_NUM_THREADS={{threads}} {{params.sp}} finetune --train-ann {{input.ann}} --train-images {{config[train_images]}} "
-    f"--val-ann {{config[val_ann]}} --val-images {{config[val_images]}} --out {RES}/finetune/{{wildcards.run}} "
-    f"--model {{params.model}} {SMALL} {{params.init}} {WEIGHTS} "
-    f"--epochs {{config[finetune_epochs]}} --batch-size {{config[finetune_batch_size]}} {{params.lr_steps}} "
-    f"--warmup-steps {{config[finetune_warmup_steps]}} --image-size {{config[finetune_image_size]}} "
-    f"--max-size {{config[finetune_max_size]}} --workers 0 --device {{config[device]}} --resume")
-EVALUATE_CMD = ("OMP_NUM_THREADS={threads} sp evaluate {input} --ann {config[val_ann]} --images {config[val_images]} "
-                "--out {output} --workers 0 --device {config[device]}")
+WEIGHTS = config["gen_masks"]["backbone_weights"]  # the same backbone weights for every stage and run
+COMMON = dict(workers=0, device=config["device"])
+
+
+def gen_masks_cmd(w):
+    g = STORE_SETTINGS[w.store]
+    return (f"sp gen-masks {config['unlabeled_images']} --store {RES}/stores/{w.store}.zarr --shard {w.i}/{NSHARDS} "
+            + flags(batch_size=config["gen_batch_size"], workers=THREADS, device=config["device"], method=g["method"],
+                    backbone=g["backbone"], backbone_weights=g["backbone_weights"], image_size=g["image_size"],
+                    max_size=g["max_size"], min_score=g["min_score"], max_masks=g["max_masks"], nms=g["nms"]))
+
+
+def pretrain_cmd(w):
+    p = PRETRAIN_SETTINGS[w.key]
+    return (f"pretrain --store {RES}/stores/{p['store']}.zarr --images {config['unlabeled_images']} "
+            f"--out {RES}/pretrain/{w.key}/seed{w.seed} --resume "
+            + flags(small=truthy(p["small_models"]), epochs=p["pretrain_epochs"], batch_size=p["pretrain_batch_size"],
+                    lr_steps=p["pretrain_lr_steps"], warmup_steps=p["pretrain_warmup_steps"],
+                    image_size=p["pretrain_image_size"], max_size=p["pretrain_max_size"], prompt=p["prompt"],
+                    kernel_loss_weight=p["kernel_loss_weight"], seed=w.seed, backbone_weights=WEIGHTS, **COMMON))
+
+
+def finetune_cmd(w, input):
+    return (f"finetune --train-ann {config['train_ann']} --train-images {config['train_images']} "
+            f"--val-ann {config['val_ann']} --val-images {config['val_images']} "
+            f"--out {RES}/finetune/{w.run}/seed{w.seed} --resume "
+            + flags(model=RUNS[w.run]["model"], small=truthy(config["small_models"]), init=input.init or "",
+                    backbone_weights=WEIGHTS, epochs=config["finetune_epochs"], batch_size=config["finetune_batch_size"],
+                    lr_steps=config["finetune_lr_steps"], warmup_steps=config["finetune_warmup_steps"],
+                    image_size=config["finetune_image_size"], max_size=config["finetune_max_size"], seed=w.seed,
+                    **COMMON))
+
+
+def table_cmd(w, input):
+    names = ",".join(run for run in RUNS for _ in SEEDS)
+    metrics = [f"{RES}/finetune/{run}/seed{seed}/metrics.jsonl" for run in RUNS for seed in SEEDS]
+    quality = [f"{name}={RES}/stores/{h}.quality.json" for name, h in STORE_OF.items()] if config["unlabeled_gt"] else []
+    return (f"sp table {' '.join(input.evals)} --names {names} --out {RES}/results "
+            + flags(metrics=metrics, early_epochs=config["early_epochs"], pseudo_masks=quality))
+
+
+def demo_input(path):
+    """The demo annotations when `path` lies in the demo folder, so that the demo data is made first."""
+    return f"{DEMO}/annotations/train.json" if str(path).startswith(DEMO.rstrip("/") + "/") else []
+
+
+STORES = [f"{RES}/stores/{h}.zarr.done" for h in STORE_SETTINGS]
+PRETRAINS = [f"{RES}/pretrain/{key}/seed{seed}/final.pth" for key in PRETRAIN_SETTINGS for seed in SEEDS]
+FINETUNES = [f"{RES}/finetune/{run}/seed{seed}/final.pth" for run in RUNS for seed in SEEDS]
+EVALS = [f"{RES}/eval/{run}/seed{seed}.json" for run in RUNS for seed in SEEDS]
 
 
 wildcard_constraints:
     i=r"\d+",
+    seed=r"\d+",
+    store=r"[0-9a-f]{12}",
+    key=r"[0-9a-f]{12}-[0-9a-f]{12}",
     run="|".join(RUNS),
 
 
@@ -77,73 +150,87 @@ rule demo:
     input: f"{RES}/results.md"
 
 rule gen_masks:
-    input: f"{STORE}.done"
+    input: STORES
 
 rule pretrain:
-    input: f"{PRETRAIN}/final.pth"
+    input: PRETRAINS
 
 rule finetune:
-    input: expand(f"{RES}/finetune/{{run}}/final.pth", run=RUNS)
+    input: FINETUNES
 
 rule evaluate:
-    input: expand(f"{RES}/eval/{{run}}.json", run=RUNS)
+    input: EVALS
 
 
 rule demo_data:
-    output: "demo/annotations/train.json", "demo/annotations/val.json", "demo/annotations/unlabeled_gt.json"
-    shell: "sp demo-data demo"
+    output: expand(f"{DEMO}/annotations/{{name}}.json", name=["train", "val", "unlabeled_gt"])
+    params: sizes=flags(**{k: v for k, v in config["demo_data"].items() if k != "dir"})
+    shell: "sp demo-data {DEMO} {params.sizes}"
 
 
 # Markers (*.done) rather than directory outputs: Snakemake deletes the outputs of a failed job, and the
 # part stores must survive a crash so that rerunning resumes them.
 rule gen_masks_shard:
-    input: lambda w: "demo/annotations/train.json" if config["unlabeled_images"].startswith("demo/") else []
-    output: touch(f"{STORE.replace('.zarr', '')}.part{{i}}.done")
+    input: demo_input(config["unlabeled_images"])
+    output: touch(f"{RES}/stores/{{store}}.part{{i}}.done")
     threads: THREADS
     resources:
         gpu=min(GPUS, 1),
         mem_mb=8000,
-    shell: GEN_MASKS_CMD
+    params: cmd=gen_masks_cmd
+    shell: "OMP_NUM_THREADS={threads} {params.cmd}"
 
 rule merge_store:
-    input: expand(f"{STORE.replace('.zarr', '')}.part{{i}}.done", i=range(NSHARDS))
-    output: touch(f"{STORE}.done")
-    shell: "rm -rf " + STORE + " && sp store merge " + STORE + " --remove-parts"
+    input: expand(f"{RES}/stores/{{{{store}}}}.part{{i}}.done", i=range(NSHARDS))
+    output: touch(f"{RES}/stores/{{store}}.zarr.done")
+    params: store=lambda w: f"{RES}/stores/{w.store}.zarr"
+    shell: "rm -rf {params.store} && sp store merge {params.store} --remove-parts"
+
+
+# Class-agnostic AP of the pseudo masks (Table 6 of the paper) and an overlay grid, when unlabeled_gt is set
+rule store_quality:
+    input: f"{RES}/stores/{{store}}.zarr.done", demo_input(config["unlabeled_gt"])
+    output: f"{RES}/stores/{{store}}.quality.json"
+    params: store=lambda w: f"{RES}/stores/{w.store}.zarr"
+    shell:
+        "sp eval-masks {params.store} --gt {config[unlabeled_gt]} --out {output} && "
+        "sp viz {params.store} --images {config[unlabeled_images]} --out {params.store}.overlays -n 16"
 
 rule pretrain_run:
-    input: f"{STORE}.done"
-    output: f"{PRETRAIN}/final.pth"
+    input: lambda w: f"{RES}/stores/{PRETRAIN_SETTINGS[w.key]['store']}.zarr.done"
+    output: f"{RES}/pretrain/{{key}}/seed{{seed}}/final.pth"
     threads: THREADS
     resources:
         gpu=GPUS,
         mem_mb=16000,
-    params: sp=sp(int(config["nproc_per_node"])),
-            lr_steps=" ".join(f"--lr-steps {e}" for e in config["pretrain_lr_steps"])
-    shell: PRETRAIN_CMD
+    params: sp=sp(int(config["nproc_per_node"])), cmd=pretrain_cmd
+    shell: "OMP_NUM_THREADS={threads} {params.sp} {params.cmd}"
 
 rule finetune_run:
     input:
         ann=config["train_ann"],
-        init=lambda w: f"{PRETRAIN}/final.pth" if config["finetune_runs"][w.run].get("init") == "pretrain" else [],
-    output: f"{RES}/finetune/{{run}}/final.pth"
+        init=lambda w: (f"{RES}/pretrain/{PRETRAIN_OF[RUNS[w.run]['init']]}/seed{w.seed}/final.pth"
+                        if RUNS[w.run].get("init") else []),
+    output: f"{RES}/finetune/{{run}}/seed{{seed}}/final.pth"
     threads: THREADS
     resources:
         gpu=GPUS,
         mem_mb=16000,
-    params: sp=sp(int(config["nproc_per_node"])),
-            model=lambda w: config["finetune_runs"][w.run]["model"],
-            init=lambda w, input: f"--init {input.init}" if input.init else "",
-            lr_steps=" ".join(f"--lr-steps {e}" for e in config["finetune_lr_steps"]),
-    shell: FINETUNE_CMD
+    params: sp=sp(int(config["nproc_per_node"])), cmd=finetune_cmd
+    shell: "OMP_NUM_THREADS={threads} {params.sp} {params.cmd}"
 
 rule evaluate_run:
-    input: f"{RES}/finetune/{{run}}/final.pth"
-    output: f"{RES}/eval/{{run}}.json"
+    input: f"{RES}/finetune/{{run}}/seed{{seed}}/final.pth"
+    output: f"{RES}/eval/{{run}}/seed{{seed}}.json"
     threads: THREADS
-    shell: EVALUATE_CMD
+    shell:
+        "OMP_NUM_THREADS={threads} sp evaluate {input} --ann {config[val_ann]} --images {config[val_images]} "
+        "--out {output} --workers 0 --device {config[device]}"
 
 rule results_table:
-    input: expand(f"{RES}/eval/{{run}}.json", run=RUNS)
+    input:
+        evals=EVALS,
+        quality=[f"{RES}/stores/{h}.quality.json" for h in STORE_SETTINGS] if config["unlabeled_gt"] else [],
     output: f"{RES}/results.md", f"{RES}/results.json"
-    params: names=",".join(RUNS)
-    shell: "sp table {input} --names {params.names} --out " + RES + "/results"
+    params: cmd=table_cmd
+    shell: "{params.cmd}"

@@ -1,7 +1,6 @@
-"""Stage-1 throughput, its breakdown, the saliency step against a per-seed loop, and peak memory.
+"""Stage-1 throughput, its breakdown, and the saliency step against a per-seed loop (memory: bench/memory.py).
 
     python bench/gen_masks.py --images 32 --image-size 512 --backbone resnet50 --batch-size 4
-    python bench/gen_masks.py --memory 100 1000   # peak RSS of whole runs (ResNet-18, 256 px)
 
 Images come from `sp demo-data` (480x640, like COCO), written once under --work. Prints a markdown table.
 """
@@ -9,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -138,17 +136,6 @@ def store_summary_masks(store: Path) -> int:
     return int(PseudoLabelStore.open(store).progress["masks_done"])
 
 
-def memory_child(count: int, work: Path) -> None:
-    images = demo_images(work, count)
-    store = work / f"mem{count}.zarr"
-    subprocess.run(["rm", "-rf", str(store)], check=True)
-    generate(images, store, GenerationSettings(backbone="resnet18", image_size=256, max_size=427),
-             RunOptions(batch_size=8, workers=0))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"images": count, "peak_rss_mib_main": rss,
-                      "peak_rss_mib_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=32)
@@ -161,18 +148,8 @@ def main():
     parser.add_argument("--min-score", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of backbone-only and whole")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sp-bench"))
-    parser.add_argument("--memory", type=int, nargs="*", help="peak memory runs for these image counts")
-    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.memory_child:
-        return memory_child(args.memory_child, args.work)
-    if args.memory:
-        for count in args.memory:
-            out = subprocess.run([sys.executable, __file__, "--memory-child", str(count), "--work", str(args.work)],
-                                 check=True, capture_output=True, text=True).stdout
-            print(out.strip().splitlines()[-1])
-        return
     print(json.dumps(throughput(args), indent=2))
 
 

@@ -203,14 +203,28 @@ def predict_cmd(
 @app.command("table")
 def table_cmd(
     eval_files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="`sp evaluate --out` JSON files.")],
-    names: Annotated[str, typer.Option(help="Comma-separated row names, one per file.")],
-    out: Annotated[Path, typer.Option(help="Output prefix: writes OUT.md and OUT.json.")],
+    names: Annotated[str, typer.Option(help="Comma-separated row names, one per file; files under one name are "
+                                       "seeds of one setting (mean ± sd).")],
+    out: Annotated[Path, typer.Option(help="Output prefix: writes OUT.md, OUT.json (and OUT_curves.png).")],
+    metrics: Annotated[Optional[list[Path]], typer.Option(exists=True, dir_okay=False, help="The runs' "
+                                                          "metrics.jsonl, one per file in the same order (repeat "
+                                                          "the option): learning curves and early-epoch AP.")] = None,
+    early_epochs: Annotated[Optional[list[int]], typer.Option(help="Add a column of mask AP after this fine-tuning "
+                                                              "epoch (repeat the option; needs --metrics).")] = None,
+    pseudo_masks: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE of `sp eval-masks --out`: adds the "
+                                                              "pseudo-mask quality of that store (repeat).")] = None,
 ):
     """Mask and box AP tables of several evaluated runs, printed and written as markdown and JSON."""
     from stages.report import write_table
 
+    quality = {}
+    for entry in pseudo_masks or []:
+        name, sep, path = entry.partition("=")
+        if not sep or not Path(path).is_file():
+            fail(f"--pseudo-masks {entry!r}: expected NAME=FILE with an existing file")
+        quality[name] = Path(path)
     try:
-        typer.echo(write_table(eval_files, names.split(","), out))
+        typer.echo(write_table(eval_files, names.split(","), out, metrics or [], tuple(early_epochs or ()), quality))
     except (ValueError, OSError, KeyError) as e:
         fail(str(e))
 

@@ -6,18 +6,44 @@ numbers, C++ matching) when it is installed and pycocotools otherwise.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from stages.eval_masks import STAT_NAMES, _load_results, _quiet
 from store import rle
 
-AP_NAMES = STAT_NAMES[:6]  # AP, AP50, AP75, APs, APm, APl: the first six COCOeval.stats
+log = logging.getLogger(__name__)
+# The order of COCOeval.stats: six AP figures, then six recalls.
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+AP_NAMES = STAT_NAMES[:6]
 BACKENDS = ("auto", "pycocotools", "faster")
+
+
+@contextlib.contextmanager
+def _quiet(title: str):
+    """Capture the COCO tools' prints and log them as one debug block instead."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield
+    if buf.getvalue().strip():
+        log.debug("%s:\n%s", title, buf.getvalue().rstrip())
+
+
+def _load_results(gt, results: list[dict]):
+    """pycocotools' gt.loadRes, also for an empty list (which it cannot take): no detections, AP 0."""
+    with _quiet("results index"):
+        if results:
+            return gt.loadRes(results)
+        dt = type(gt)()
+        dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
+        dt.createIndex()
+        return dt
 
 
 def label_maps(categories: list[dict]) -> tuple[dict[int, int], list[int]]:
@@ -98,17 +124,19 @@ def _percent(value: float) -> float:
     return 100.0 * float(value) if value >= 0 else math.nan
 
 
-def coco_evaluate(gt: dict | Path, results: list[dict], iou_types=("segm", "bbox"),
-                  backend: str = "auto") -> dict:
-    """COCO AP of results (a COCO results list) on all images of gt (a COCO dict or json path).
+def coco_evaluate(gt: dict | Path, results: list[dict], iou_types=("segm", "bbox"), backend: str = "auto",
+                  image_ids: list[int] | None = None, stats: tuple[str, ...] = AP_NAMES) -> dict:
+    """COCO AP of results (a COCO results list) on the images of gt (a COCO dict or json path): all of them,
+    or the image_ids given.
 
     backend: 'auto' (faster-coco-eval if importable, else pycocotools), 'pycocotools' or 'faster'.
-    Returns {iou_type: {AP, AP50, AP75, APs, APm, APl}, ..., 'images': images evaluated}, values in percent,
-    unrounded, NaN where no GT falls into a size range. An empty results list scores 0.
+    Returns {iou_type: {name: value for the names in stats (any of STAT_NAMES)}, ..., 'images': images
+    evaluated}, values in percent, unrounded, NaN where no GT falls into a size range. An empty results list
+    scores 0.
     """
     name, coco_class, eval_class = _backend(backend)
     coco_gt = _load_gt(gt, coco_class)
-    image_ids = sorted(coco_gt.getImgIds())
+    image_ids = sorted(coco_gt.getImgIds()) if image_ids is None else sorted(image_ids)
     metrics: dict = {"images": len(image_ids)}
     for iou_type in iou_types:
         # Fresh dicts each time, since loadRes writes area, id and iscrowd into them. Mask AP must not see the
@@ -123,7 +151,7 @@ def coco_evaluate(gt: dict | Path, results: list[dict], iou_types=("segm", "bbox
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-        metrics[iou_type] = {k: _percent(v) for k, v in zip(AP_NAMES, ev.stats)}
+        metrics[iou_type] = {k: _percent(v) for k, v in zip(STAT_NAMES, ev.stats) if k in stats}
     return metrics
 
 

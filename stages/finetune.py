@@ -31,20 +31,19 @@ log = logging.getLogger(__name__)
 PRETRAIN_ONLY = ("prompt",)  # checkpoint entries that fine-tuning never loads
 
 
-@dataclass
-class FinetuneConfig:
+@dataclass(kw_only=True)
+class FinetuneConfig(LoopConfig):
+    """`sp finetune`'s settings: the training loop's (epochs, batch size, schedule, checkpoints, ...) and these."""
     train_ann: Path
     train_images: Path
     val_ann: Path
     val_images: Path
-    out: Path
     model: str = "knet"  # or "maskrcnn"
     small: bool = False  # CPU-sized models (ResNet-18) for smoke runs and the demo
     backbone: str = "resnet50"
     init: Path | None = None  # a `sp pretrain` checkpoint (K-Net only)
     backbone_weights: Path | None = None
     epochs: int = 48
-    batch_size: int = 2
     lr: float | None = None  # default: 1e-4 (K-Net, AdamW) or 0.02 (Mask R-CNN, SGD)
     weight_decay: float | None = None  # default: 0.05 (K-Net) or 1e-4 (Mask R-CNN)
     backbone_lr_mult: float = 0.25  # K-Net
@@ -57,13 +56,7 @@ class FinetuneConfig:
     mask_threshold: float = 0.5  # K-Net test-time; the authors use 0.3 on COCO
     max_per_image: int = 100
     eval_every: int = 1
-    workers: int = 2
     device: str = "cpu"
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 0
-    keep_every: int = 0  # keep epoch_NNN.pth every N epochs (0: last, best and final only)
-    resume: bool = False
 
 
 def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
@@ -146,12 +139,11 @@ def evaluate_model(model: nn.Module, kind: str, ann: Path, images: Path, image_s
     category_ids = sorted(c["id"] for c in data["categories"])
     images_sorted = sorted(data["images"], key=lambda img: img["id"])
     names = [img["file_name"] for img in images_sorted]
-    predictions, ids = [], []
+    results = []
     for index, prediction in predict_images(model, kind, images, names, image_size, max_size, device,
                                             batch_size, workers):
-        predictions.append(prediction)
-        ids.append(images_sorted[index]["id"])
-    results = predictions_to_results(predictions, ids, category_ids)
+        # RLE at once: the full-size masks of a whole evaluation set would not fit in memory
+        results += predictions_to_results([prediction], [images_sorted[index]["id"]], category_ids)
     return coco_evaluate(data, results), results
 
 
@@ -183,10 +175,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         plot_curve(cfg.out)
         return record
 
-    loop = LoopConfig(out=cfg.out, epochs=cfg.epochs, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
-                      clip_norm=cfg.clip_norm, schedule=cfg.schedule, log_every=cfg.log_every,
-                      checkpoint_every=cfg.checkpoint_every, keep_every=cfg.keep_every, resume=cfg.resume)
-    return train_loop(loop, dist, {"model": model}, optimizer, dataset, collate_training,
+    return train_loop(cfg, dist, {"model": model}, optimizer, dataset, collate_training,
                       loss_function(train_model, cfg.model, dist.device), extra, on_epoch_end=on_epoch_end)
 
 
@@ -196,5 +185,5 @@ def plot_curve(run: Path) -> Path:
     evals = [r for r in records if "segm_AP" in r]
     series = {"mask AP": [(r["epoch"], r["segm_AP"]) for r in evals],
               "box AP": [(r["epoch"], r["bbox_AP"]) for r in evals]}
-    return line_chart(series, run / "curve.png", title=f"{run.name}: AP on the validation set",
+    return line_chart(series, run / "curve.png", title=f"{run.parent.name}/{run.name}: AP on the validation set",
                       xlabel="epoch", ylabel="AP (%)")

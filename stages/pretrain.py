@@ -22,36 +22,27 @@ from models.knet import KNetConfig, build_knet
 from models.losses import knet_losses
 from models.saliency_prompt import PromptConfig, SaliencyPrompt
 from stages.pseudo_label_data import PseudoLabelDataset, collate_training
-from stages.training import LoopConfig, Schedule, config_dict, init_distributed, seed_everything, train_loop
+from stages.training import LoopConfig, config_dict, init_distributed, seed_everything, train_loop
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PretrainConfig:
+@dataclass(kw_only=True)
+class PretrainConfig(LoopConfig):
+    """`sp pretrain`'s settings: the training loop's (epochs, batch size, schedule, checkpoints, ...) and these."""
     store: Path
     images: Path
-    out: Path
     model: KNetConfig = field(default_factory=lambda: KNetConfig(num_classes=1, frozen_stages=4))
     backbone_weights: Path | None = None
-    epochs: int = 12
-    batch_size: int = 2
     lr: float = 1e-4
     weight_decay: float = 0.05
-    schedule: Schedule = field(default_factory=Schedule)
-    clip_norm: float = 1.0
     prompt: PromptConfig = field(default_factory=PromptConfig)
     kernel_loss_weight: float = 1.0
     image_size: int = 800
     max_size: int = 1333
     flip_prob: float = 0.5
-    workers: int = 2
     device: str = "cpu"
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
     keep_every: int = 1  # keep epoch_NNN.pth every N epochs (0: last and final only)
-    resume: bool = False
 
 
 def training_step(model, prompt: SaliencyPrompt, batch: dict, cfg: PretrainConfig, step: int, device: str):
@@ -88,11 +79,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
             raise ValueError(f"{cfg.out / 'last.pth'} was trained on a store with settings "
                              f"{state['store_settings_hash']}, {cfg.store} has {dataset.settings_hash}")
 
-    loop = LoopConfig(out=cfg.out, epochs=cfg.epochs, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
-                      clip_norm=cfg.clip_norm, schedule=cfg.schedule, log_every=cfg.log_every,
-                      checkpoint_every=cfg.checkpoint_every, keep_every=cfg.keep_every, resume=cfg.resume)
     extra = {"args": config_dict(cfg), "model_config": dataclasses.asdict(cfg.model),
              "store_settings_hash": dataset.settings_hash, "kind": "sp-pretrain"}
-    return train_loop(loop, dist, {"model": model, "prompt": prompt}, optimizer, dataset, collate_training,
+    return train_loop(cfg, dist, {"model": model, "prompt": prompt}, optimizer, dataset, collate_training,
                       lambda batch, step: training_step(train_model, prompt, batch, cfg, step, dist.device),
                       extra, check_resume=check_resume, manual_sync=[prompt])

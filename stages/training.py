@@ -172,6 +172,7 @@ class EpochSampler(Sampler):
 
 @dataclass
 class LoopConfig:
+    """What `train_loop` needs; `PretrainConfig` and `FinetuneConfig` extend it with their stage's settings."""
     out: Path
     epochs: int = 12
     batch_size: int = 2
@@ -227,7 +228,8 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
             link_checkpoint(last, loop.out / f"epoch_{epoch_:03d}.pth")
 
     per_epoch = sampler.batches_per_epoch()
-    bar = tqdm(total=loop.epochs * per_epoch, initial=step, unit="step", desc=loop.out.name, disable=not dist.main)
+    bar = tqdm(total=loop.epochs * per_epoch, initial=step, unit="step", desc=f"{loop.out.parent.name}/{loop.out.name}",
+               disable=not dist.main)
     while epoch < loop.epochs:
         sampler.set_epoch(epoch, start_batch)
         dataset.set_epoch(epoch)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.demo_data import make_demo_data
 
@@ -16,6 +17,21 @@ SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 def demo(tmp_path_factory) -> dict:
     """A small demo dataset (made once per test session)."""
     return make_demo_data(tmp_path_factory.mktemp("demo"), num_unlabeled=12, num_train=6, num_val=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def real_photos(tmp_path_factory) -> Path:
+    """A folder of real photographs (scikit-image's bundled ones) in the modes and formats users have: RGB and
+    grayscale PNG, RGBA PNG, and JPEG, of different sizes."""
+    data = pytest.importorskip("skimage.data", reason="scikit-image (the test extra) gives the real photos")
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(data.astronaut()).save(folder / "astronaut.png")
+    Image.fromarray(data.camera()).save(folder / "camera.png")  # 8-bit grayscale
+    Image.fromarray(data.logo()).save(folder / "logo.png")  # RGBA
+    Image.fromarray(data.coffee()).save(folder / "coffee.jpg", quality=90)
+    Image.fromarray(data.chelsea()).save(folder / "chelsea.jpg", quality=90)
+    Image.fromarray(data.rocket()).save(folder / "rocket.jpg", quality=90)
+    return folder
 
 
 @pytest.fixture

@@ -33,21 +33,50 @@ def job_counts(output: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
+STAGE1 = {"demo_data": 1, "gen_masks_shard": 2, "merge_store": 1}
+TRAINING = {**STAGE1, "pretrain_run": 1, "finetune_run": 2}
+
+
 @pytest.mark.parametrize("target, expected", [
-    ("gen_masks", {"demo_data": 1, "gen_masks_shard": 2, "merge_store": 1}),
-    ("pretrain", {"demo_data": 1, "gen_masks_shard": 2, "merge_store": 1, "pretrain_run": 1}),
-    ("finetune", {"demo_data": 1, "gen_masks_shard": 2, "merge_store": 1, "pretrain_run": 1, "finetune_run": 2}),
-    ("evaluate", {"demo_data": 1, "gen_masks_shard": 2, "merge_store": 1, "pretrain_run": 1, "finetune_run": 2,
-                  "evaluate_run": 2}),
-    ("all", {"demo_data": 1, "gen_masks_shard": 2, "merge_store": 1, "pretrain_run": 1, "finetune_run": 2,
-             "evaluate_run": 2, "results_table": 1}),
-    ("demo", {"demo_data": 1, "gen_masks_shard": 2, "merge_store": 1, "pretrain_run": 1, "finetune_run": 2,
-              "evaluate_run": 2, "results_table": 1}),
+    ("gen_masks", STAGE1),
+    ("pretrain", {**STAGE1, "pretrain_run": 1}),
+    ("finetune", TRAINING),
+    ("evaluate", {**TRAINING, "evaluate_run": 2}),
+    ("all", {**TRAINING, "evaluate_run": 2, "store_quality": 1, "results_table": 1}),
+    ("demo", {**TRAINING, "evaluate_run": 2, "store_quality": 1, "results_table": 1}),
 ])
 def test_dry_run_builds_the_expected_dag(tmp_path, target, expected):
     counts = job_counts(snakemake(tmp_path, target))
     counts.pop(target, None)  # the target rule itself
     assert counts == expected
+
+
+def test_the_low_data_experiment_has_every_row_and_seed(tmp_path):
+    """Two stores, six pre-training runs and eight fine-tuning rows, each for both seeds."""
+    experiment = yaml.safe_load((REPO / "experiments" / "low_data.yaml").read_text())
+    counts = job_counts(snakemake(tmp_path, "all", config=experiment))
+    assert counts == {"demo_data": 1, "gen_masks_shard": 4, "merge_store": 2, "store_quality": 2, "pretrain_run": 12,
+                      "finetune_run": 16, "evaluate_run": 16, "results_table": 1, "all": 1}
+
+
+def test_runs_with_equal_settings_share_their_jobs(tmp_path):
+    config = {"stores": [{"name": "a"}, {"name": "b", "max_masks": 20}],  # b's override is the default: same store
+              "pretrain_runs": [{"name": "p", "store": "a"}, {"name": "q", "store": "b", "prompt": "cosine"}],
+              "finetune_runs": [{"name": "from_p", "model": "knet", "init": "p"},
+                                {"name": "from_q", "model": "knet", "init": "q"}],
+              "seeds": [0, 1]}
+    counts = job_counts(snakemake(tmp_path, "finetune", config=config))
+    assert counts["merge_store"] == 1 and counts["pretrain_run"] == 2 and counts["finetune_run"] == 4
+
+
+@pytest.mark.parametrize("section, entry, message", [
+    ("pretrain_runs", {"name": "p", "promt": "cosine"}, "only the keys"),
+    ("finetune_runs", {"name": "r", "model": "knet", "init": "nowhere"}, "unknown pre-training run nowhere"),
+    ("stores", {"method": "random"}, "unique name"),
+])
+def test_config_errors_name_the_bad_entry(tmp_path, section, entry, message):
+    with pytest.raises(AssertionError, match=message):
+        snakemake(tmp_path, "all", config={section: [entry]})
 
 
 def test_shards_follow_the_config(tmp_path):
@@ -65,7 +94,7 @@ TINY = {"gen_masks": {"method": "saliency", "backbone": "resnet18", "backbone_we
 def test_demo_runs_to_completion_then_does_nothing_and_reuses_the_store(tmp_path):
     out = snakemake(tmp_path, "demo", config=TINY, dry=False)
     table = (tmp_path / "results" / "results.md").read_text()
-    assert "| knet_sp |" in table and "| knet_scratch |" in table
+    assert "| knet_sp | 1 |" in table and "| knet_scratch | 1 |" in table and "| saliency |" in table
     assert "knet_sp" in out  # the table is printed at the end of the run
     assert job_counts(snakemake(tmp_path, "demo", config=TINY)) == {}  # a second run has nothing to do
     stores = sorted(p.name for p in (tmp_path / "results" / "stores").glob("*.zarr"))

@@ -2,6 +2,7 @@
 import copy
 import json
 import logging
+import math
 
 import numpy as np
 import pycocotools.mask as coco_mask
@@ -9,7 +10,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from stages.eval_masks import STAT_NAMES, evaluate_pseudo_masks, format_table
+from stages.eval_masks import evaluate_pseudo_masks, format_table
+from stages.evaluate import STAT_NAMES
 from stages.gen_masks import RunOptions, generate
 from store import rle
 from store.pseudo_label_store import ImageResult, PseudoLabelStore
@@ -102,7 +104,7 @@ def pycocotools_stats(gt_json, pseudo):
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-        out[iou_type] = dict(zip(STAT_NAMES, ev.stats))
+        out[iou_type] = {n: 100 * v if v >= 0 else math.nan for n, v in zip(STAT_NAMES, ev.stats)}  # percent
     return out
 
 
@@ -112,7 +114,7 @@ def test_gt_masks_score_ap_1(gt_json, tmp_path):
     assert result["images"] == 3 and result["masks"] == 8 and result["images_without_gt"] == 0
     for iou_type in ("bbox", "segm"):
         for name in ("AP", "AP50", "AP75", "AR100"):
-            assert result[iou_type][name] == pytest.approx(1.0), (iou_type, name)
+            assert result[iou_type][name] == pytest.approx(100.0), (iou_type, name)
 
 
 def test_shifted_masks_score_ap_0(gt_json, tmp_path):
@@ -143,12 +145,11 @@ def test_half_the_masks_equal_a_direct_cocoeval(gt_json, tmp_path, caplog):
         result = evaluate_pseudo_masks(store, gt_json)
     assert result["images"] == 3 and result["images_without_gt"] == 1
     assert "1 of 4 done store images have no GT" in caplog.text
-    assert "Average Precision" in caplog.text  # COCOeval's summary went to the log
-    assert 0 < result["segm"]["AP50"] < 1 and 0 < result["bbox"]["AP50"] < 1
+    assert 0 < result["segm"]["AP50"] < 100 and 0 < result["bbox"]["AP50"] < 100
     reference = pycocotools_stats(gt_json, kept)
     for iou_type in ("bbox", "segm"):
         for name in STAT_NAMES:
-            assert result[iou_type][name] == pytest.approx(reference[iou_type][name]), (iou_type, name)
+            assert result[iou_type][name] == pytest.approx(reference[iou_type][name], nan_ok=True), (iou_type, name)
 
 
 def test_no_common_image_is_an_error(gt_json, tmp_path):
@@ -158,13 +159,13 @@ def test_no_common_image_is_an_error(gt_json, tmp_path):
 
 
 def test_format_table():
-    stats = dict(zip(STAT_NAMES, [0.5, 0.75, 0.25, -1, 0.125, 1] + [0] * 6))
-    text = format_table({"bbox": stats, "segm": {**stats, "AP": 0.333}, "images": 3, "masks": 7,
+    stats = dict(zip(STAT_NAMES, [50.0, 75.0, 25.0, math.nan, 12.5, 100.0] + [0.0] * 6))
+    text = format_table({"bbox": stats, "segm": {**stats, "AP": 33.3}, "images": 3, "masks": 7,
                          "images_without_gt": 2})
     lines = text.splitlines()
-    assert lines[0].split() == STAT_NAMES[:6]
-    assert lines[1].split() == ["box", "50.0", "75.0", "25.0", "-", "12.5", "100.0"]
-    assert lines[2].split()[:2] == ["mask", "33.3"]
+    assert lines[0].split() == list(STAT_NAMES[:6])
+    assert lines[1].split()[:2] == ["segm", "33.3"]
+    assert lines[2].split() == ["bbox", "50.0", "75.0", "25.0", "-", "12.5", "100.0"]
     assert "3 images, 7 pseudo masks; 2 store images without GT" in text
 
 
@@ -174,4 +175,4 @@ def test_store_generated_on_demo_data(demo, tiny_settings, tmp_path):
     result = evaluate_pseudo_masks(store, demo["unlabeled_ann"])
     assert result["images"] == store.num_images == 12 and result["images_without_gt"] == 0
     assert result["masks"] == store.progress["masks_done"] > 0
-    assert all(-1 <= v <= 1 for iou_type in ("bbox", "segm") for v in result[iou_type].values())
+    assert all(0 <= v <= 100 or math.isnan(v) for iou_type in ("bbox", "segm") for v in result[iou_type].values())

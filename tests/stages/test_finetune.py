@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from models.knet import KNetConfig, build_knet
 from pipeline.cli import app
+import stages.finetune as finetune_module
 from stages.finetune import FinetuneConfig, finetune, load_pretrained, transfer_weights
 from stages.training import Schedule, save_checkpoint
 
@@ -70,6 +71,38 @@ def test_maskrcnn_learns_the_demo_objects(two_images, demo, tmp_path, one_thread
     records = overfit("maskrcnn", two_images, demo["train"], tmp_path / "mrcnn", epochs=40, lr=0.01)
     print(f"Mask R-CNN mask AP on its two training images after 40 steps: {records[-1]['segm_AP']:.1f}")
     assert records[-1]["segm_AP"] > 8.0
+
+
+def test_evaluation_turns_each_image_into_rle_as_it_comes(demo, monkeypatch):
+    """Full-size masks of a whole evaluation set do not fit in memory: each image's predictions become RLE
+    results before the next image is predicted, with the results of converting them all at once."""
+    data = json.loads(Path(demo["val_ann"]).read_text())
+    images = sorted(data["images"], key=lambda im: im["id"])
+    generator = torch.Generator().manual_seed(0)
+
+    def fake_predictions(model, kind, images_dir, names, *args):
+        for index, name in enumerate(names):
+            h, w = images[index]["height"], images[index]["width"]
+            masks = torch.rand(3, h, w, generator=generator) > 0.7
+            yield index, {"scores": torch.tensor([0.9, 0.5, 0.2]), "labels": torch.tensor([0, 1, 0]),
+                          "masks": masks, "boxes": torch.tensor([[0.0, 0.0, w / 2, h / 2]] * 3)}
+
+    calls = []
+    real = finetune_module.predictions_to_results
+
+    def recording(predictions, ids, categories):
+        calls.append(len(predictions))
+        return real(predictions, ids, categories)
+
+    monkeypatch.setattr(finetune_module, "predict_images", fake_predictions)
+    monkeypatch.setattr(finetune_module, "predictions_to_results", recording)
+    metrics, results = finetune_module.evaluate_model(None, "knet", demo["val_ann"], demo["val"], 128, 192, "cpu")
+    assert calls == [1] * len(images)
+    categories = sorted(c["id"] for c in data["categories"])
+    generator.manual_seed(0)
+    everything = [p for _, p in fake_predictions(None, "knet", None, [im["file_name"] for im in images])]
+    assert results == real(everything, [im["id"] for im in images], categories)
+    assert metrics["images"] == len(images)
 
 
 def test_transfer_copies_matching_tensors_and_rebuilds_the_classifier(tmp_path):

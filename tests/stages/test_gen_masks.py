@@ -67,6 +67,36 @@ def test_padding_in_a_batch_does_not_change_any_mask(demo, tiny_settings, tmp_pa
     assert_stores_equal(one, four, float_atol=1e-3)  # float16 features: 1e-3 is a few ulps
 
 
+def test_real_photos_in_every_mode_give_full_size_masks_independent_of_batching(real_photos, tiny_settings,
+                                                                               tmp_path, monkeypatch):
+    """Grayscale, RGBA and JPEG photographs of six sizes: every image is done, its masks have its own size,
+    and batches of 4 (padded) give the store of batch size 1."""
+    monkeypatch.setattr("stages.gen_masks.build_backbone", lambda *a, **k: CellFeatures())
+    tiny_settings.saliency = type(tiny_settings.saliency)(min_score=0.0)
+    one = generate(real_photos, tmp_path / "b1.zarr", tiny_settings, RunOptions(batch_size=1, workers=0))
+    four = generate(real_photos, tmp_path / "b4.zarr", tiny_settings, RunOptions(batch_size=4, workers=0))
+    assert (one.image_array("status") == DONE).all() and one.num_images == 6
+    for i, name in enumerate(one.file_names):
+        with Image.open(real_photos / name) as im:
+            assert (one.image_array("height")[i], one.image_array("width")[i]) == (im.height, im.width)
+        assert all(rle.decode(c, im.height, im.width).any() for c in one.rle(i)), name
+    assert one.mask_offset[-1] >= 12  # filters may empty an image, not the set
+    assert_stores_equal(one, four, float_atol=1e-3)
+
+
+def test_grayscale_photo_is_read_as_its_grey_rgb_copy(real_photos, tiny_settings, tmp_path):
+    """An 8-bit grayscale file gives the masks of the same picture saved as RGB (three equal channels)."""
+    folders = {mode: tmp_path / mode for mode in ("L", "RGB")}
+    with Image.open(real_photos / "camera.png") as im:
+        for mode, folder in folders.items():
+            folder.mkdir()
+            im.convert(mode).save(folder / "camera.png")
+    grey, rgb = (generate(f, tmp_path / f"{m}.zarr", tiny_settings, RunOptions(batch_size=1, workers=0))
+                 for m, f in folders.items())
+    assert grey.mask_offset[-1] > 0
+    assert_stores_equal(grey, rgb, float_atol=0.0)
+
+
 def test_corrupt_images_are_skipped_with_their_reason(demo, tiny_settings, tmp_path):
     folder = tmp_path / "imgs"
     shutil.copytree(demo["unlabeled"], folder)

@@ -16,7 +16,7 @@ def test_imported_ground_truth_is_a_perfect_store(demo, tmp_path):
     assert store.num_images == len(gt["images"])
     assert store.mask_offset[-1] == len(gt["annotations"])
     result = evaluate_pseudo_masks(store, demo["unlabeled_ann"])
-    assert result["segm"]["AP"] == pytest.approx(1.0) and result["bbox"]["AP"] == pytest.approx(1.0)
+    assert result["segm"]["AP"] == pytest.approx(100.0) and result["bbox"]["AP"] == pytest.approx(100.0)
     # masks round-trip exactly and every mask has a unit seed feature pooled from the backbone
     first = gt["images"][0]
     anns = [a for a in gt["annotations"] if a["image_id"] == first["id"]]

@@ -1,0 +1,89 @@
+"""stages.report (`sp table`): rows over seeds, early-epoch AP, pseudo-mask quality, and the CLI's errors."""
+import json
+import math
+import statistics
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from stages.report import COLUMNS, cell, mean_sd, pseudo_mask_table, write_table
+
+NAN = float("nan")
+
+
+def metrics(ap: float, aps: float = 5.0) -> dict:
+    values = {"AP": ap, "AP50": ap + 10, "AP75": ap - 1, "APs": aps, "APm": ap, "APl": NAN}
+    return {"segm": values, "bbox": {**values, "AP": ap / 2}, "images": 4}
+
+
+def write_run(tmp_path, name: str, ap: float, curve: dict[int, float], aps: float = 5.0):
+    eval_file, metrics_file = tmp_path / f"{name}.json", tmp_path / f"{name}.jsonl"
+    eval_file.write_text(json.dumps(metrics(ap, aps)))
+    lines = [{"epoch": e, "step": 10 * e, "loss": 1.0} for e in curve]  # training records carry no AP
+    lines += [{"epoch": e, "segm_AP": v, "bbox_AP": v / 2} for e, v in curve.items()]
+    metrics_file.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    return eval_file, metrics_file
+
+
+def row(text: str, name: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_mean_and_sample_sd_skip_nan_and_single_values_have_no_sd():
+    assert mean_sd([10.0, 20.0, NAN]) == (15.0, statistics.stdev([10.0, 20.0]))
+    assert math.isnan(mean_sd([3.0])[1]) and cell([3.0]) == "3.0"
+    assert cell([NAN, NAN]) == "-" and cell([10.0, 20.0]) == "15.0 ± 7.1"
+
+
+def test_table_groups_seeds_under_one_name_and_reads_early_epochs(tmp_path):
+    a0 = write_run(tmp_path, "a0", 10.0, {1: 1.0, 2: 4.0, 3: 8.0})
+    a1 = write_run(tmp_path, "a1", 20.0, {1: 3.0, 2: 6.0, 3: 9.0}, aps=NAN)
+    b0 = write_run(tmp_path, "b0", 30.0, {2: 12.0, 4: 20.0})  # evaluated every other epoch
+    files = [a0, a1, b0]
+    text = write_table([f[0] for f in files], ["sp", "sp", "scratch"], tmp_path / "out" / "results",
+                       [f[1] for f in files], early_epochs=(1, 2))
+    header = row(text, "run")
+    assert header == ["run", "seeds", *COLUMNS, "AP@e1", "AP@e2"]
+    sp = dict(zip(header, row(text, "sp")))
+    assert sp["seeds"] == "2" and sp["AP"] == "15.0 ± 7.1" and sp["AP50"] == "25.0 ± 7.1"
+    assert sp["APs"] == "5.0"  # one seed had no small objects: the other alone
+    assert sp["APl"] == "-" and sp["AP@e1"] == "2.0 ± 1.4" and sp["AP@e2"] == "5.0 ± 1.4"
+    scratch = dict(zip(header, row(text, "scratch")))
+    assert scratch["AP"] == "30.0" and scratch["AP@e1"] == "-" and scratch["AP@e2"] == "12.0"
+    assert text.index("| sp |") < text.index("| scratch |")  # first-seen order
+    box = text.split("box AP")[1]
+    assert row(box, "sp")[2] == "7.5 ± 3.5"  # the box table reads the bbox metrics
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["segm"]["AP"] for r in saved["runs"]["sp"]] == [10.0, 20.0]
+    assert saved["runs"]["scratch"][0]["curve"] == {"2": 12.0, "4": 20.0}
+    with Image.open(tmp_path / "out" / "results_curves.png") as im:
+        assert im.size == (800, 480)
+
+
+def test_pseudo_mask_table_with_missing_size_ranges():
+    stats = {"AP": 25.0, "AP50": 50.0, "AP75": 12.5, "APs": NAN, "APm": 20.0, "APl": 30.0, "AR100": 40.0}
+    text = pseudo_mask_table({"saliency": {"segm": stats, "bbox": {**stats, "AP": 10.0}, "images": 8, "masks": 40}})
+    assert row(text, "saliency") == ["saliency", "40", "8", "25.0", "50.0", "12.5", "-", "20.0", "30.0", "10.0", "40.0"]
+
+
+def test_cli_writes_the_tables_and_names_bad_arguments(tmp_path):
+    a0 = write_run(tmp_path, "a0", 10.0, {1: 1.0})
+    quality = tmp_path / "q.json"
+    stats = {c: 50.0 for c in (*COLUMNS, "AR100")}
+    quality.write_text(json.dumps({"segm": stats, "bbox": stats, "images": 2, "masks": 3}))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["table", str(a0[0]), "--names", "sp", "--out", str(tmp_path / "t"), "--metrics",
+                             str(a0[1]), "--early-epochs", "1", "--pseudo-masks", f"saliency={quality}"])
+    assert ok.exit_code == 0, ok.output
+    written = (tmp_path / "t.md").read_text()
+    assert "| sp | 1 | 10.0 |" in written and "| saliency | 3 | 2 | 50.0 |" in written
+    two_names = runner.invoke(app, ["table", str(a0[0]), "--names", "a,b", "--out", str(tmp_path / "u")])
+    assert two_names.exit_code != 0 and "2 names for 1 files" in two_names.output
+    no_metrics = runner.invoke(app, ["table", str(a0[0]), "--names", "a", "--out", str(tmp_path / "u"),
+                                     "--early-epochs", "1"])
+    assert no_metrics.exit_code != 0 and "metrics.jsonl" in no_metrics.output
+    bad_quality = runner.invoke(app, ["table", str(a0[0]), "--names", "a", "--out", str(tmp_path / "u"),
+                                      "--pseudo-masks", str(quality)])
+    assert bad_quality.exit_code != 0 and "NAME=FILE" in bad_quality.output

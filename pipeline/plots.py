@@ -5,14 +5,15 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # matplotlib's tab10
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], out_png: Path, title: str = "", xlabel: str = "",
                ylabel: str = "", size: tuple[int, int] = (640, 400)) -> Path:
     """Draw each named series of (x, y) points as a line with markers; axes span all points."""
     width, height = size
-    left, right, top, bottom = 60, 150, 30, 45
+    left, right, top, bottom = 60, 190, 45, 45
     im = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(im)
     points = [p for pts in series.values() for p in pts]
@@ -43,7 +44,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], out_png: Path, titl
         draw.text((width - right + 10, top + 15 * k), name, fill=colour)
     draw.text((left, 8), title, fill="black")
     draw.text(((width - right + left) // 2 - 20, height - 20), xlabel, fill="black")
-    draw.text((5, top - 22), ylabel, fill="black")
+    draw.text((5, top - 18), ylabel, fill="black")
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     im.save(out_png)
     return Path(out_png)

@@ -12,7 +12,7 @@ from pathlib import Path
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from stages.evaluate import STAT_NAMES, coco_evaluate, format_ap_table
+from stages.evaluate import STAT_NAMES, _quiet, coco_evaluate, format_ap_table
 from store.export import FG_CATEGORY, gt_image_ids, to_coco_results
 from store.pseudo_label_store import DONE, PseudoLabelStore
 
@@ -32,7 +32,8 @@ def class_agnostic_gt(gt_json: Path) -> dict:
     if any("area" not in a for a in dataset["annotations"]):
         gt = COCO()
         gt.dataset = dataset
-        gt.createIndex()
+        with _quiet("GT index"):  # pycocotools prints its progress
+            gt.createIndex()
         for ann in dataset["annotations"]:
             if "area" not in ann:
                 ann["area"] = float(mask_utils.area(gt.annToRLE(ann)))

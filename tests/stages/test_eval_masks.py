@@ -176,3 +176,20 @@ def test_store_generated_on_demo_data(demo, tiny_settings, tmp_path):
     assert result["images"] == store.num_images == 12 and result["images_without_gt"] == 0
     assert result["masks"] == store.progress["masks_done"] > 0
     assert all(0 <= v <= 100 or math.isnan(v) for iou_type in ("bbox", "segm") for v in result[iou_type].values())
+
+
+def test_gt_without_area_or_iscrowd_scores_the_same_and_prints_nothing(gt_json, tmp_path, capfd):
+    """Many COCO-style files omit 'area' and 'iscrowd': they are filled in (mask area, 0), quietly."""
+    pseudo = {name: [(m, 0.9 - 0.1 * k) for k, (m, _) in enumerate(GT_MASKS[name]) if k != 1] for name in STORE_IMAGES}
+    store = make_store(tmp_path / "s.zarr", pseudo)
+    full = evaluate_pseudo_masks(store, gt_json)
+    bare = json.loads(gt_json.read_text())
+    bare["annotations"] = [{k: v for k, v in a.items() if k not in ("area", "iscrowd")} for a in bare["annotations"]]
+    bare_json = tmp_path / "bare.json"
+    bare_json.write_text(json.dumps(bare))
+    capfd.readouterr()
+    result = evaluate_pseudo_masks(store, bare_json)
+    assert capfd.readouterr().out == ""
+    assert 0 < result["segm"]["AP"] < 100
+    for iou_type in ("bbox", "segm"):
+        assert result[iou_type] == pytest.approx(full[iou_type], nan_ok=True)

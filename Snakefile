@@ -83,7 +83,8 @@ def flags(**options):
     return " ".join(out)
 
 
-WEIGHTS = config["gen_masks"]["backbone_weights"]  # the same backbone weights for every stage and run
+# the same backbone and weights for the pseudo masks and every model of every run
+BACKBONE, WEIGHTS = config["gen_masks"]["backbone"], config["gen_masks"]["backbone_weights"]
 COMMON = dict(workers=0, device=config["device"])
 
 
@@ -102,7 +103,8 @@ def pretrain_cmd(w):
             + flags(small=truthy(p["small_models"]), epochs=p["pretrain_epochs"], batch_size=p["pretrain_batch_size"],
                     lr_steps=p["pretrain_lr_steps"], warmup_steps=p["pretrain_warmup_steps"],
                     image_size=p["pretrain_image_size"], max_size=p["pretrain_max_size"], prompt=p["prompt"],
-                    kernel_loss_weight=p["kernel_loss_weight"], seed=w.seed, backbone_weights=WEIGHTS, **COMMON))
+                    kernel_loss_weight=p["kernel_loss_weight"], seed=w.seed, backbone=BACKBONE,
+                    backbone_weights=WEIGHTS, **COMMON))
 
 
 def finetune_cmd(w, input):
@@ -110,7 +112,8 @@ def finetune_cmd(w, input):
             f"--val-ann {config['val_ann']} --val-images {config['val_images']} "
             f"--out {RES}/finetune/{w.run}/seed{w.seed} --resume "
             + flags(model=RUNS[w.run]["model"], small=truthy(config["small_models"]), init=input.init or "",
-                    backbone_weights=WEIGHTS, epochs=config["finetune_epochs"], batch_size=config["finetune_batch_size"],
+                    backbone=BACKBONE, backbone_weights=WEIGHTS, epochs=config["finetune_epochs"],
+                    batch_size=config["finetune_batch_size"],
                     lr_steps=config["finetune_lr_steps"], warmup_steps=config["finetune_warmup_steps"],
                     image_size=config["finetune_image_size"], max_size=config["finetune_max_size"], seed=w.seed,
                     **COMMON))
@@ -163,7 +166,7 @@ rule evaluate:
 
 
 rule demo_data:
-    output: expand(f"{DEMO}/annotations/{{name}}.json", name=["train", "val", "unlabeled_gt"])
+    output: expand(f"{DEMO}/annotations/{{name}}.json", name=["train", "val"])
     params: sizes=flags(**{k: v for k, v in config["demo_data"].items() if k != "dir"})
     shell: "sp demo-data {DEMO} {params.sizes}"
 

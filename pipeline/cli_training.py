@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli_common import (Backbone, BackboneWeights, BatchSize, Device, FinetuneCheckpoint, ImageSize,
-                                 MaxSize, Workers, app, fail, resolve_device)
+from pipeline.cli_common import (DEFAULT_BACKBONE, Backbone, BackboneWeights, BatchSize, Device, FinetuneCheckpoint,
+                                 ImageSize, MaxSize, Workers, app, backbone_weights_path, fail, resolve_device)
 
 
 class Prompt(str, Enum):
@@ -26,10 +26,10 @@ def pretrain_cmd(
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints (last.pth, epoch_NNN.pth, final.pth), "
                                       "metrics.jsonl, TensorBoard logs when tensorboard is installed.")],
     model: Annotated[str, typer.Option(help="Query-based model; knet is implemented.")] = "knet",
-    small: Annotated[bool, typer.Option(help="CPU-sized K-Net (ResNet-18, 64 channels, 16 kernels) for "
-                                        "smoke runs and the demo; overrides --backbone.")] = False,
-    backbone: Backbone = "resnet50",
-    backbone_weights: BackboneWeights = None,
+    small: Annotated[bool, typer.Option(help="CPU-sized K-Net heads (64 channels, 16 kernels) for smoke runs "
+                                        "and the demo; the backbone is still --backbone.")] = False,
+    backbone: Backbone = DEFAULT_BACKBONE,
+    backbone_weights: BackboneWeights = "imagenet",
     num_kernels: Annotated[Optional[int], typer.Option(help="Number of kernels N (default 100; 16 with --small).")] = None,
     freeze_backbone: Annotated[bool, typer.Option(help="Freeze the whole backbone, as the authors did.")] = True,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 12,
@@ -64,12 +64,12 @@ def pretrain_cmd(
     if model != "knet":
         fail(f"--model {model}: only knet is implemented")
     frozen = 4 if freeze_backbone else 1
-    knet = KNetConfig.small(num_classes=1, frozen_stages=frozen) if small else \
-        KNetConfig(backbone=backbone, num_classes=1, frozen_stages=frozen)
+    knet = (KNetConfig.small if small else KNetConfig)(backbone=backbone, num_classes=1, frozen_stages=frozen)
     if num_kernels:
         knet.num_kernels = num_kernels
     cfg = PretrainConfig(
-        store=store, images=images, out=out, model=knet, backbone_weights=backbone_weights, epochs=epochs,
+        store=store, images=images, out=out, model=knet,
+        backbone_weights=backbone_weights_path(backbone, backbone_weights), epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         schedule=Schedule(warmup_steps=warmup_steps, lr_steps=tuple(lr_steps)), clip_norm=clip_norm,
         prompt=PromptConfig(mode=prompt.value, drop_prob=prompt_drop), kernel_loss_weight=kernel_loss_weight,
@@ -96,12 +96,14 @@ def finetune_cmd(
     val_images: Annotated[Path, typer.Option(help="Its image folder.")],
     out: Annotated[Path, typer.Option(help="Run folder: last/best/final.pth, metrics.jsonl, curve.png.")],
     model: Annotated[Model, typer.Option(help="knet, or maskrcnn (torchvision, the CNN baseline).")] = Model.knet,
-    small: Annotated[bool, typer.Option(help="CPU-sized models (ResNet-18) for smoke runs and the demo.")] = False,
-    backbone: Backbone = "resnet50",
+    small: Annotated[bool, typer.Option(help="CPU-sized heads (K-Net: 64 channels, 16 kernels; Mask R-CNN: small "
+                                        "images, few proposals) for smoke runs and the demo; the backbone is still "
+                                        "--backbone.")] = False,
+    backbone: Backbone = DEFAULT_BACKBONE,
     init: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="A `sp pretrain` checkpoint: "
                                                  "backbone, neck and kernel heads are loaded, the classifier is "
                                                  "rebuilt for these categories, prompt modules are dropped.")] = None,
-    backbone_weights: BackboneWeights = None,
+    backbone_weights: BackboneWeights = "imagenet",
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (the paper: 48 on COCO 10 %).")] = 48,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step and process.")] = 2,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 1e-4 AdamW for K-Net, 0.02 SGD for Mask R-CNN).")] = None,
@@ -130,7 +132,8 @@ def finetune_cmd(
 
     cfg = FinetuneConfig(
         train_ann=train_ann, train_images=train_images, val_ann=val_ann, val_images=val_images, out=out,
-        model=model.value, small=small, backbone=backbone, init=init, backbone_weights=backbone_weights,
+        model=model.value, small=small, backbone=backbone, init=init,
+        backbone_weights=backbone_weights_path(backbone, backbone_weights),
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         schedule=Schedule(warmup_steps=warmup_steps, lr_steps=tuple(lr_steps)), clip_norm=clip_norm,
         flip_prob=flip_prob, rotate_deg=rotate, image_size=image_size, max_size=max_size,

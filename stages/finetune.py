@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from models.backbone_weights import weights_record
 from models.knet import KNetConfig, build_knet
 from models.losses import knet_losses
 from models.maskrcnn import MaskRCNNConfig, build_maskrcnn_adapter, maskrcnn_optimizer
@@ -39,8 +40,8 @@ class FinetuneConfig(LoopConfig):
     val_ann: Path
     val_images: Path
     model: str = "knet"  # or "maskrcnn"
-    small: bool = False  # CPU-sized models (ResNet-18) for smoke runs and the demo
-    backbone: str = "resnet50"
+    small: bool = False  # CPU-sized heads for smoke runs and the demo (the backbone is `backbone`)
+    backbone: str = "efficientnet_lite0"
     init: Path | None = None  # a `sp pretrain` checkpoint (K-Net only)
     backbone_weights: Path | None = None
     epochs: int = 48
@@ -87,11 +88,9 @@ def load_pretrained(model: nn.Module, path: Path) -> dict[str, list[str]]:
 def build(cfg: FinetuneConfig, num_classes: int):
     """(model, model_config dict, optimizer) for cfg.model."""
     if cfg.model == "knet":
-        mc = (KNetConfig.small if cfg.small else KNetConfig)(num_classes=num_classes, frozen_stages=1,
-                                                           mask_threshold_test=cfg.mask_threshold,
-                                                           max_per_image=cfg.max_per_image)
-        if not cfg.small:
-            mc.backbone = cfg.backbone
+        mc = (KNetConfig.small if cfg.small else KNetConfig)(
+            backbone=cfg.backbone, num_classes=num_classes, frozen_stages=1, mask_threshold_test=cfg.mask_threshold,
+            max_per_image=cfg.max_per_image)
         model = build_knet(mc, cfg.backbone_weights)
         if cfg.init is not None:
             load_pretrained(model, cfg.init)
@@ -105,9 +104,8 @@ def build(cfg: FinetuneConfig, num_classes: int):
     if cfg.model == "maskrcnn":
         if cfg.init is not None:
             raise ValueError("--init loads a K-Net pre-training checkpoint; use --backbone-weights for Mask R-CNN")
-        mc = (MaskRCNNConfig.small if cfg.small else MaskRCNNConfig)(num_classes=num_classes)
-        if not cfg.small:
-            mc.backbone, mc.min_size, mc.max_size = cfg.backbone, cfg.image_size, cfg.max_size
+        mc = (MaskRCNNConfig.small if cfg.small else MaskRCNNConfig)(
+            backbone=cfg.backbone, num_classes=num_classes, min_size=cfg.image_size, max_size=cfg.max_size)
         model = build_maskrcnn_adapter(mc, cfg.backbone_weights)
         optimizer = maskrcnn_optimizer(model, lr=cfg.lr or 0.02,
                                        weight_decay=1e-4 if cfg.weight_decay is None else cfg.weight_decay)
@@ -160,7 +158,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         if cfg.resume and (cfg.out / "metrics.jsonl").exists() else []
     best = {"AP": max((r["segm_AP"] for r in previous if "segm_AP" in r), default=float("-inf"))}
     extra = {"args": config_dict(cfg), "model_kind": cfg.model, "model_config": dataclasses.asdict(model_config),
-             "categories": dataset.categories, "kind": "sp-finetune"}
+             "categories": dataset.categories, "kind": "sp-finetune", **weights_record(cfg.backbone_weights)}
 
     def on_epoch_end(epoch: int) -> dict:
         if not dist.main or (epoch % cfg.eval_every and epoch != cfg.epochs):

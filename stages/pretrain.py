@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from models.backbone_weights import weights_record
 from models.knet import KNetConfig, build_knet
 from models.losses import knet_losses
 from models.saliency_prompt import PromptConfig, SaliencyPrompt
@@ -68,6 +69,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     dataset = PseudoLabelDataset(cfg.store, cfg.images, cfg.image_size, cfg.max_size, cfg.flip_prob, cfg.seed)
     if len(dataset) == 0:
         raise ValueError(f"{cfg.store} has no usable images")
+    if dataset.backbone not in (None, cfg.model.backbone):
+        log.warning("%s was generated with backbone %s, pre-training uses %s: the stored seed features (kernel "
+                    "supervision) come from another network", cfg.store, dataset.backbone, cfg.model.backbone)
     model = build_knet(cfg.model, cfg.backbone_weights).to(dist.device)
     prompt = SaliencyPrompt(dataset.feature_dim, cfg.model.channels, cfg.prompt).to(dist.device)
     params = [p for p in list(model.parameters()) + list(prompt.parameters()) if p.requires_grad]
@@ -80,7 +84,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
                              f"{state['store_settings_hash']}, {cfg.store} has {dataset.settings_hash}")
 
     extra = {"args": config_dict(cfg), "model_config": dataclasses.asdict(cfg.model),
-             "store_settings_hash": dataset.settings_hash, "kind": "sp-pretrain"}
+             "store_settings_hash": dataset.settings_hash, "kind": "sp-pretrain",
+             **weights_record(cfg.backbone_weights)}
     return train_loop(cfg, dist, {"model": model, "prompt": prompt}, optimizer, dataset, collate_training,
                       lambda batch, step: training_step(train_model, prompt, batch, cfg, step, dist.device),
                       extra, check_resume=check_resume, manual_sync=[prompt])

@@ -11,6 +11,16 @@ from PIL import Image
 from pipeline.demo_data import make_demo_data
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+COCO_SUBSET = SHARED_DATASETS / "coco_subset"
+
+
+@pytest.fixture(scope="session")
+def coco_subset() -> Path:
+    """Real COCO photos with their instance labels (../shared/datasets/coco_subset: train/, val/ with
+    annotations.json and images/, unlabeled/images/); tests that need it skip where it is absent."""
+    if not (COCO_SUBSET / "val" / "annotations.json").is_file():
+        pytest.skip(f"no real COCO data at {COCO_SUBSET} (the shared datasets sit beside the checkout)")
+    return COCO_SUBSET
 
 
 @pytest.fixture(scope="session")

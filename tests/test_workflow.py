@@ -84,8 +84,9 @@ def test_shards_follow_the_config(tmp_path):
     assert counts["gen_masks_shard"] == 5
 
 
-TINY = {"gen_masks": {"method": "saliency", "backbone": "resnet18", "backbone_weights": "", "image_size": 128,
-                      "max_size": 192, "min_score": 0.5, "max_masks": 10, "nms": "matrix"},
+TINY = {"demo_data": {"dir": "demo", "num_train": 8, "num_val": 4},
+        "gen_masks": {"method": "saliency", "backbone": "efficientnet_lite0", "backbone_weights": "imagenet",
+                      "image_size": 128, "max_size": 192, "min_score": 0.5, "max_masks": 10, "nms": "matrix"},
         "threads": 1, "pretrain_epochs": 1, "pretrain_batch_size": 8, "pretrain_image_size": 128,
         "pretrain_max_size": 192, "pretrain_warmup_steps": 2, "finetune_epochs": 1, "finetune_batch_size": 8,
         "finetune_image_size": 128, "finetune_max_size": 192, "finetune_warmup_steps": 2, "device": "cpu"}

@@ -140,7 +140,8 @@ def test_two_process_gloo_training_with_torchrun(gt_store, demo, tmp_path):
     repo = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "pipeline.cli", "pretrain", "--store", str(gt_store), "--images", str(demo["unlabeled"]),
-           "--out", str(tmp_path / "ddp"), "--small", "--num-kernels", "8", "--epochs", "1", "--batch-size", "1",
+           "--out", str(tmp_path / "ddp"), "--small", "--backbone", "resnet18", "--backbone-weights", "none",
+           "--num-kernels", "8", "--epochs", "1", "--batch-size", "1",
            "--image-size", "128", "--max-size", "192", "--workers", "0", "--device", "cpu", "--log-every", "1"]
     done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -1,10 +1,12 @@
-"""Images/s of one pre-training step (forward with prompts, matching, losses, backward, AdamW step), and of the
+"""Images/s of one pre-training step (forward with prompts, matching, losses, kernel supervision, backward, AdamW
+step) and one fine-tuning step (the same without prompts, on labeled data) of every query model, and of the
 pre-training data path: reading the store vs recomputing saliency in the loader (the reason the store exists).
 
     python bench/train_step.py --config small --image-size 320 --batch-size 4 --steps 5
     python bench/train_step.py --config default --device cuda --batch-size 8     # where a GPU is lent
 
-Data: the demo's unlabeled ground truth imported as a store (written once under --work).
+Data: the demo's unlabeled ground truth imported as a store, and the demo's labeled train set (written once
+under --work).
 """
 from __future__ import annotations
 
@@ -18,13 +20,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.knet import KNetConfig, build_knet  # noqa: E402
+from models.build import QUERY_MODELS, build_query_model, query_model_config  # noqa: E402
 from models.saliency_prompt import SaliencyPrompt  # noqa: E402
 from pipeline.demo_data import make_demo_data  # noqa: E402
+from stages.coco_data import CocoInstances  # noqa: E402
 from stages.gen_masks import GenerationSettings, RunOptions, generate  # noqa: E402
 from stages.import_coco import import_coco  # noqa: E402
 from stages.pretrain import PretrainConfig, training_step  # noqa: E402
 from stages.pseudo_label_data import PseudoLabelDataset, collate_training  # noqa: E402
+from stages.training import forward_losses  # noqa: E402
+from store.pseudo_label_store import PseudoLabelStore  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
 
@@ -32,7 +37,7 @@ warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
 def data(work: Path, image_size: int, max_size: int):
     demo = work / "demo"
     if not demo.is_dir():
-        make_demo_data(demo, num_unlabeled=32, num_train=1, num_val=1, image_size=(480, 640))
+        make_demo_data(demo, num_unlabeled=32, num_train=8, num_val=1, image_size=(480, 640))
     store = work / f"gt-{image_size}.zarr"
     if not store.exists():
         import_coco(demo / "annotations" / "unlabeled_gt.json", demo / "unlabeled", store, backbone="resnet18",
@@ -40,19 +45,33 @@ def data(work: Path, image_size: int, max_size: int):
     return store, demo / "unlabeled"
 
 
-def step_rate(args, store, images) -> dict:
-    model_cfg = KNetConfig.small(num_classes=1, frozen_stages=4) if args.config == "small" else \
-        KNetConfig(num_classes=1, frozen_stages=4)
-    dataset = PseudoLabelDataset(store, images, args.image_size, args.max_size)
+def step_rate(args, kind: str, stage: str, store, images) -> dict:
+    """Images/s of `stage` ('pretrain' or 'finetune') steps of model `kind`, as the stages configure them
+    (pre-training: one class, frozen backbone, prompts; fine-tuning: the demo's 3 classes, backbone stage 1
+    frozen, no prompts)."""
+    demo = args.work / "demo"
+    if stage == "pretrain":
+        dataset = PseudoLabelDataset(store, images, args.image_size, args.max_size)
+        num_classes, frozen = 1, 4
+    else:
+        dataset = CocoInstances(demo / "annotations" / "train.json", demo / "train", args.image_size, args.max_size)
+        num_classes, frozen = len(dataset.categories), 1
+    model_cfg = query_model_config(kind, small=args.config == "small", backbone="resnet50", num_classes=num_classes,
+                                   frozen_stages=frozen)
     batch = collate_training([dataset[i % len(dataset)] for i in range(args.batch_size)])
-    model = build_knet(model_cfg).to(args.device).train()
-    prompt = SaliencyPrompt(dataset.feature_dim, model_cfg.channels).to(args.device).train()
+    model = build_query_model(model_cfg).to(args.device).train()
+    feature_dim = int(PseudoLabelStore.open(store).attrs["feature_dim"])
+    prompt = SaliencyPrompt(feature_dim, model_cfg.channels).to(args.device).train()
     params = [p for p in list(model.parameters()) + list(prompt.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     cfg = PretrainConfig(store=store, images=images, out=args.work, model=model_cfg)
 
     def one(step):
-        losses = training_step(model, prompt, batch, cfg, step, args.device)
+        if stage == "pretrain":
+            losses = training_step(model, prompt, batch, cfg, step, args.device)
+        else:
+            targets = [{k: v.to(args.device) for k, v in t.items()} for t in batch["targets"]]
+            losses = forward_losses(model, batch["images"].to(args.device), targets, args.device)[1]
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
@@ -66,9 +85,9 @@ def step_rate(args, store, images) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return {"config": args.config, "device": args.device, "batch_size": args.batch_size,
-            "input": list(batch["images"].shape[-2:]), "threads": torch.get_num_threads(),
-            "train_img_per_s": args.batch_size * args.steps / elapsed}
+    return {"model": kind, "stage": stage, "config": args.config, "device": args.device,
+            "batch_size": args.batch_size, "input": list(batch["images"].shape[-2:]),
+            "threads": torch.get_num_threads(), "img_per_s": args.batch_size * args.steps / elapsed}
 
 
 def loader_rates(args, store, images) -> dict:
@@ -96,6 +115,8 @@ def loader_rates(args, store, images) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=["small", "default"], default="small")
+    parser.add_argument("--models", nargs="+", choices=list(QUERY_MODELS), default=list(QUERY_MODELS))
+    parser.add_argument("--no-loader", action="store_true", help="skip the data-path comparison")
     parser.add_argument("--image-size", type=int, default=320)
     parser.add_argument("--max-size", type=int, default=533)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -107,7 +128,8 @@ def main():
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     store, images = data(args.work, args.image_size, args.max_size)
-    print(json.dumps({**step_rate(args, store, images), **loader_rates(args, store, images)}, indent=2))
+    steps = [step_rate(args, kind, stage, store, images) for kind in args.models for stage in ("pretrain", "finetune")]
+    print(json.dumps({"steps": steps, **({} if args.no_loader else loader_rates(args, store, images))}, indent=2))
 
 
 if __name__ == "__main__":

@@ -48,16 +48,23 @@ for name, over in named("stores", config["gen_masks"]).items():
 
 PRETRAIN_OF = {}  # pre-training run name -> "<store hash>-<settings hash>"
 PRETRAIN_SETTINGS = {}
-for name, over in named("pretrain_runs", ["store", *PRETRAIN_KEYS]).items():
+PRETRAIN_MODEL = {}  # pre-training run name -> model (knet by default)
+for name, over in named("pretrain_runs", ["store", "model", *PRETRAIN_KEYS]).items():
     store = STORE_OF[over.pop("store", next(iter(STORE_OF)))]
     settings = {k: over.get(k, config[k]) for k in PRETRAIN_KEYS}
+    PRETRAIN_MODEL[name] = over.get("model", "knet")
+    if PRETRAIN_MODEL[name] != "knet":  # K-Net runs keep the hashes (and finished runs) they had before `model`
+        settings["model"] = PRETRAIN_MODEL[name]
     PRETRAIN_OF[name] = f"{store}-{settings_hash(settings)}"
-    PRETRAIN_SETTINGS[PRETRAIN_OF[name]] = dict(settings, store=store)
+    PRETRAIN_SETTINGS[PRETRAIN_OF[name]] = dict(settings, store=store, model=PRETRAIN_MODEL[name])
 
 RUNS = named("finetune_runs", ["model", "init"])
 for name, run in RUNS.items():
     if run.get("init") and run["init"] not in PRETRAIN_OF:
         raise ValueError(f"config finetune_runs: {name} starts from unknown pre-training run {run['init']}")
+    if run.get("init") and PRETRAIN_MODEL[run["init"]] != run.get("model"):
+        raise ValueError(f"config finetune_runs: {name} fine-tunes {run.get('model')} from {run['init']}, "
+                         f"a {PRETRAIN_MODEL[run['init']]} pre-training run")
 
 
 def truthy(value):  # `--config small_models=false` arrives as a string
@@ -100,7 +107,8 @@ def pretrain_cmd(w):
     p = PRETRAIN_SETTINGS[w.key]
     return (f"pretrain --store {RES}/stores/{p['store']}.zarr --images {config['unlabeled_images']} "
             f"--out {RES}/pretrain/{w.key}/seed{w.seed} --resume "
-            + flags(small=truthy(p["small_models"]), epochs=p["pretrain_epochs"], batch_size=p["pretrain_batch_size"],
+            + flags(model=p["model"], small=truthy(p["small_models"]), epochs=p["pretrain_epochs"],
+                    batch_size=p["pretrain_batch_size"],
                     lr_steps=p["pretrain_lr_steps"], warmup_steps=p["pretrain_warmup_steps"],
                     image_size=p["pretrain_image_size"], max_size=p["pretrain_max_size"], prompt=p["prompt"],
                     kernel_loss_weight=p["kernel_loss_weight"], seed=w.seed, backbone=BACKBONE,

@@ -12,6 +12,12 @@ from pipeline.cli_common import (DEFAULT_BACKBONE, Backbone, BackboneWeights, Ba
                                  ImageSize, MaxSize, Workers, app, backbone_weights_path, fail, resolve_device)
 
 
+class QueryModelName(str, Enum):
+    knet = "knet"
+    mask2former = "mask2former"
+    queryinst = "queryinst"
+
+
 class Prompt(str, Enum):
     cosine = "cosine"
     sequential = "sequential"
@@ -25,12 +31,14 @@ def pretrain_cmd(
     images: Annotated[Path, typer.Option(help="The images folder the store was generated from.")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints (last.pth, epoch_NNN.pth, final.pth), "
                                       "metrics.jsonl, TensorBoard logs when tensorboard is installed.")],
-    model: Annotated[str, typer.Option(help="Query-based model; knet is implemented.")] = "knet",
-    small: Annotated[bool, typer.Option(help="CPU-sized K-Net heads (64 channels, 16 kernels) for smoke runs "
-                                        "and the demo; the backbone is still --backbone.")] = False,
+    model: Annotated[QueryModelName, typer.Option(help="Query-based model: knet, mask2former (queryinst: not yet "
+                                                  "implemented).")] = QueryModelName.knet,
+    small: Annotated[bool, typer.Option(help="CPU-sized heads (64 channels, 16 queries, fewer layers) for smoke "
+                                        "runs and the demo; the backbone is still --backbone.")] = False,
     backbone: Backbone = DEFAULT_BACKBONE,
     backbone_weights: BackboneWeights = "imagenet",
-    num_kernels: Annotated[Optional[int], typer.Option(help="Number of kernels N (default 100; 16 with --small).")] = None,
+    num_queries: Annotated[Optional[int], typer.Option("--num-queries", "--num-kernels", help="Number of queries "
+                                                       "(K-Net: kernels) N (default 100; 16 with --small).")] = None,
     freeze_backbone: Annotated[bool, typer.Option(help="Freeze the whole backbone, as the authors did.")] = True,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 12,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step and process.")] = 2,
@@ -54,21 +62,20 @@ def pretrain_cmd(
     keep_every: Annotated[int, typer.Option(help="Keep epoch_NNN.pth every N epochs (0: last.pth and final.pth only).")] = 1,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth exactly where it stopped.")] = False,
 ):
-    """Stage 2a: pre-train K-Net on the pseudo-label store with Saliency Prompts and kernel supervision.
-    Multi-GPU: `torchrun --nproc_per_node N -m pipeline.cli pretrain ...`."""
-    from models.knet import KNetConfig
+    """Stage 2a: pre-train a query-based model on the pseudo-label store with Saliency Prompts and kernel
+    supervision. Multi-GPU: `torchrun --nproc_per_node N -m pipeline.cli pretrain ...`."""
+    from models.build import query_model_config
     from models.saliency_prompt import PromptConfig
     from stages.pretrain import PretrainConfig, pretrain
     from stages.training import Schedule
 
-    if model != "knet":
-        fail(f"--model {model}: only knet is implemented")
-    frozen = 4 if freeze_backbone else 1
-    knet = (KNetConfig.small if small else KNetConfig)(backbone=backbone, num_classes=1, frozen_stages=frozen)
-    if num_kernels:
-        knet.num_kernels = num_kernels
+    try:
+        model_config = query_model_config(model.value, small=small, backbone=backbone, num_queries=num_queries,
+                                          num_classes=1, frozen_stages=4 if freeze_backbone else 1)
+    except ValueError as e:
+        fail(str(e))
     cfg = PretrainConfig(
-        store=store, images=images, out=out, model=knet,
+        store=store, images=images, out=out, model=model_config,
         backbone_weights=backbone_weights_path(backbone, backbone_weights), epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         schedule=Schedule(warmup_steps=warmup_steps, lr_steps=tuple(lr_steps)), clip_norm=clip_norm,
@@ -85,6 +92,8 @@ def pretrain_cmd(
 
 class Model(str, Enum):
     knet = "knet"
+    mask2former = "mask2former"
+    queryinst = "queryinst"
     maskrcnn = "maskrcnn"
 
 
@@ -95,19 +104,23 @@ def finetune_cmd(
     val_ann: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="COCO JSON evaluated every --eval-every epochs.")],
     val_images: Annotated[Path, typer.Option(help="Its image folder.")],
     out: Annotated[Path, typer.Option(help="Run folder: last/best/final.pth, metrics.jsonl, curve.png.")],
-    model: Annotated[Model, typer.Option(help="knet, or maskrcnn (torchvision, the CNN baseline).")] = Model.knet,
-    small: Annotated[bool, typer.Option(help="CPU-sized heads (K-Net: 64 channels, 16 kernels; Mask R-CNN: small "
-                                        "images, few proposals) for smoke runs and the demo; the backbone is still "
+    model: Annotated[Model, typer.Option(help="knet, mask2former (queryinst: not yet implemented), or maskrcnn "
+                                         "(torchvision, the CNN baseline).")] = Model.knet,
+    small: Annotated[bool, typer.Option(help="CPU-sized heads (query models: 64 channels, 16 queries; Mask R-CNN: "
+                                        "few proposals) for smoke runs and the demo; the backbone is still "
                                         "--backbone.")] = False,
     backbone: Backbone = DEFAULT_BACKBONE,
-    init: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="A `sp pretrain` checkpoint: "
-                                                 "backbone, neck and kernel heads are loaded, the classifier is "
-                                                 "rebuilt for these categories, prompt modules are dropped.")] = None,
+    init: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="A `sp pretrain` checkpoint of "
+                                                 "the same --model: backbone, neck and heads are loaded, the "
+                                                 "classifier is rebuilt for these categories, prompt modules are "
+                                                 "dropped.")] = None,
     backbone_weights: BackboneWeights = "imagenet",
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (the paper: 48 on COCO 10 %).")] = 48,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step and process.")] = 2,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 1e-4 AdamW for K-Net, 0.02 SGD for Mask R-CNN).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default 0.05 K-Net, 1e-4 Mask R-CNN).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 1e-4 AdamW for query models, 0.02 SGD "
+                                                "for Mask R-CNN).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default 0.05 query models, 1e-4 "
+                                                          "Mask R-CNN).")] = None,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
     lr_steps: Annotated[list[int], typer.Option(help="Epochs at which the lr is multiplied by 0.1 (repeat the option).")] = [36, 44],
     clip_norm: Annotated[float, typer.Option(help="Gradient clipping max-norm.")] = 4.0,
@@ -115,8 +128,9 @@ def finetune_cmd(
     rotate: Annotated[float, typer.Option(help="Random rotation up to this many degrees on half of the images (§4.1: 9).")] = 0.0,
     image_size: ImageSize = 800,
     max_size: MaxSize = 1333,
-    mask_threshold: Annotated[float, typer.Option(help="K-Net test-time mask threshold (the authors: 0.3 on COCO).")] = 0.5,
-    max_per_image: Annotated[int, typer.Option(help="Detections kept per image (top-k over kernels x classes).")] = 100,
+    mask_threshold: Annotated[float, typer.Option(help="Query models' test-time mask threshold (the authors: 0.3 "
+                                                  "for K-Net on COCO).")] = 0.5,
+    max_per_image: Annotated[int, typer.Option(help="Detections kept per image (top-k over queries x classes).")] = 100,
     eval_every: Annotated[int, typer.Option(min=1, help="Evaluate on the validation set every N epochs.")] = 1,
     workers: Workers = 2,
     device: Device = "auto",

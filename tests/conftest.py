@@ -45,6 +45,17 @@ def real_photos(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """Small CPU models train far faster on one thread when another process shares the two cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_settings():
     """Generation settings that run in seconds on a CPU: ResNet-18 at 128 px, random weights."""
     from stages.gen_masks import GenerationSettings

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.demo_data import make_demo_data
@@ -32,6 +33,15 @@ def real_photos(tmp_path_factory) -> Path:
     Image.fromarray(data.chelsea()).save(folder / "chelsea.jpg", quality=90)
     Image.fromarray(data.rocket()).save(folder / "rocket.jpg", quality=90)
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """Small CPU models train far faster on one thread when another process shares the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

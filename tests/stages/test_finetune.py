@@ -12,15 +12,6 @@ from stages.finetune import FinetuneConfig, finetune, load_pretrained, transfer_
 from stages.training import Schedule, save_checkpoint
 
 
-@pytest.fixture
-def one_thread():
-    """Small CPU models train far faster on one thread when another process shares the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def two_images(demo, tmp_path_factory):
     """The first two labeled demo images as their own COCO file (trained on and evaluated on)."""

@@ -42,7 +42,8 @@ def _target(boxes, labels, size):
     for m, (x1, y1, x2, y2) in zip(masks, boxes.long().tolist()):
         m[y1:y2, x1:x2] = True
     return dict(boxes=boxes, labels=torch.tensor(labels, dtype=torch.long), full_masks=masks,
-                masks=F.avg_pool2d(masks[None].float(), 4)[0] if len(masks) else torch.zeros(0, size[0] // 4, size[1] // 4))
+                masks=(F.avg_pool2d(masks[None].float(), 4)[0] > 0.5).float() if len(masks)
+                else torch.zeros(0, size[0] // 4, size[1] // 4))
 
 
 def test_forward_structure(model):

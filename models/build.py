@@ -13,6 +13,7 @@ from torch import nn
 
 from models.knet import KNetConfig, build_knet
 from models.mask2former import Mask2FormerConfig, build_mask2former
+from models.queryinst import QueryInstConfig, build_queryinst
 
 
 @dataclass(frozen=True)
@@ -25,15 +26,13 @@ class QueryModelSpec:
 QUERY_MODELS = {
     "knet": QueryModelSpec(KNetConfig, build_knet, "num_kernels"),
     "mask2former": QueryModelSpec(Mask2FormerConfig, build_mask2former, "num_queries"),
+    "queryinst": QueryModelSpec(QueryInstConfig, build_queryinst, "num_proposals"),
 }
-PLANNED_MODELS = ("queryinst",)  # accepted by the commands, refused with a clear message until implemented
 
 
 def query_model_spec(kind: str) -> QueryModelSpec:
     if kind in QUERY_MODELS:
         return QUERY_MODELS[kind]
-    if kind in PLANNED_MODELS:
-        raise ValueError(f"--model {kind} is not yet implemented (available: {', '.join(QUERY_MODELS)})")
     raise ValueError(f"unknown query-based model {kind!r}: expected one of {', '.join(QUERY_MODELS)}")
 
 

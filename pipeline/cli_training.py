@@ -31,8 +31,8 @@ def pretrain_cmd(
     images: Annotated[Path, typer.Option(help="The images folder the store was generated from.")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints (last.pth, epoch_NNN.pth, final.pth), "
                                       "metrics.jsonl, TensorBoard logs when tensorboard is installed.")],
-    model: Annotated[QueryModelName, typer.Option(help="Query-based model: knet, mask2former (queryinst: not yet "
-                                                  "implemented).")] = QueryModelName.knet,
+    model: Annotated[QueryModelName, typer.Option(help="Query-based model: knet, mask2former or "
+                                                  "queryinst.")] = QueryModelName.knet,
     small: Annotated[bool, typer.Option(help="CPU-sized heads (64 channels, 16 queries, fewer layers) for smoke "
                                         "runs and the demo; the backbone is still --backbone.")] = False,
     backbone: Backbone = DEFAULT_BACKBONE,
@@ -104,8 +104,8 @@ def finetune_cmd(
     val_ann: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="COCO JSON evaluated every --eval-every epochs.")],
     val_images: Annotated[Path, typer.Option(help="Its image folder.")],
     out: Annotated[Path, typer.Option(help="Run folder: last/best/final.pth, metrics.jsonl, curve.png.")],
-    model: Annotated[Model, typer.Option(help="knet, mask2former (queryinst: not yet implemented), or maskrcnn "
-                                         "(torchvision, the CNN baseline).")] = Model.knet,
+    model: Annotated[Model, typer.Option(help="knet, mask2former, queryinst, or maskrcnn (torchvision, the CNN "
+                                         "baseline).")] = Model.knet,
     small: Annotated[bool, typer.Option(help="CPU-sized heads (query models: 64 channels, 16 queries; Mask R-CNN: "
                                         "few proposals) for smoke runs and the demo; the backbone is still "
                                         "--backbone.")] = False,

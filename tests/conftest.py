@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.demo_data import make_demo_data
@@ -47,8 +48,6 @@ def real_photos(tmp_path_factory) -> Path:
 @pytest.fixture
 def one_thread():
     """Small CPU models train far faster on one thread when another process shares the two cores."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -30,8 +30,6 @@ def test_config_factory_and_kind(model):
     cfg = query_model_config(kind, small=False, backbone="resnet34", num_queries=7, num_classes=5)
     assert getattr(cfg, query_model_spec(kind).num_queries_field) == 7 and cfg.backbone == "resnet34"
     assert cfg.channels == 256 and model_kind(cfg) == kind
-    with pytest.raises(ValueError, match="--model queryinst is not yet implemented"):
-        query_model_spec("queryinst")
     with pytest.raises(ValueError, match="unknown query-based model 'detr'"):
         query_model_spec("detr")
 

@@ -171,15 +171,28 @@ def test_transfer_refuses_a_checkpoint_of_another_model_naming_both(tmp_path):
         load_pretrained(_small_mask2former(num_classes=2), tmp_path / "old.pth", "mask2former")
 
 
-def test_queryinst_is_refused_until_it_is_implemented(two_images, demo, tmp_path):
+def test_queryinst_pretrains_then_finetunes_from_its_checkpoint(two_images, demo, tmp_path, one_thread):
+    """QueryInst through the commands: pre-training with prompts, --init of its checkpoint, fine-tuning that
+    learns the two training images (the model-level learning test is tests/models/test_queryinst.py)."""
     runner = CliRunner()
-    result = runner.invoke(app, ["finetune", "--train-ann", str(two_images), "--train-images", str(demo["train"]),
-                                 "--val-ann", str(two_images), "--val-images", str(demo["train"]), "--out",
-                                 str(tmp_path / "qi"), "--model", "queryinst", "--small", "--workers", "0"])
-    assert result.exit_code == 2 and "--model queryinst is not yet implemented" in result.output
-    result = runner.invoke(app, ["pretrain", "--store", str(tmp_path / "none.zarr"), "--images", str(demo["train"]),
-                                 "--out", str(tmp_path / "qp"), "--model", "queryinst", "--small"])
-    assert result.exit_code == 2 and "--model queryinst is not yet implemented" in result.output
+    tiny = ["--small", "--backbone", "resnet18", "--backbone-weights", "none", "--image-size", "160", "--max-size",
+            "224", "--workers", "0", "--device", "cpu"]
+    store = tmp_path / "gt.zarr"
+    result = runner.invoke(app, ["store", "import-coco", str(two_images), "--images", str(demo["train"]), "--store",
+                                 str(store), "--backbone", "resnet18", "--backbone-weights", "none", "--image-size",
+                                 "160", "--max-size", "224", "--workers", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["pretrain", "--store", str(store), "--images", str(demo["train"]), "--out",
+                                 str(tmp_path / "pre"), "--model", "queryinst", "--epochs", "2", *tiny])
+    assert result.exit_code == 0, result.output
+    records = overfit("queryinst", two_images, demo["train"], tmp_path / "qi", epochs=50, lr=1e-3,
+                      init=tmp_path / "pre" / "final.pth")
+    losses = [r["loss"] for r in records if "loss" in r]
+    print(f"QueryInst mask AP on its two training images after 50 steps: {records[-1]['segm_AP']:.1f}")
+    assert losses[-1] < 0.6 * losses[0]
+    assert records[-1]["segm_AP"] > 5.0
+    state = torch.load(tmp_path / "qi" / "final.pth", weights_only=False)
+    assert state["model_kind"] == "queryinst"
 
 
 def test_transfer_weights_reports_missing_keys_as_reinitialised():

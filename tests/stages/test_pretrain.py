@@ -8,6 +8,7 @@ import stages.pretrain as pretrain_module
 from models.build import build_query_model
 from models.knet import KNetConfig
 from models.mask2former import Mask2FormerConfig
+from models.queryinst import QueryInstConfig
 from models.saliency_prompt import PromptConfig
 from stages.eval_masks import class_agnostic_gt
 from stages.evaluate import coco_evaluate, predictions_to_results
@@ -20,6 +21,7 @@ from store.export import FG_CATEGORY, gt_image_ids
 from store.pseudo_label_store import PseudoLabelStore
 
 SMALL_MASK2FORMER = Mask2FormerConfig.small(backbone="resnet18", num_classes=1, frozen_stages=4, num_queries=8)
+SMALL_QUERYINST = QueryInstConfig.small(backbone="resnet18", num_classes=1, frozen_stages=4, num_proposals=8)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +51,9 @@ def assert_same_weights(a, b):
             torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("model", [KNetConfig.small(num_classes=1, frozen_stages=4, num_kernels=8), SMALL_MASK2FORMER],
-                         ids=["knet", "mask2former"])
+@pytest.mark.parametrize("model", [KNetConfig.small(num_classes=1, frozen_stages=4, num_kernels=8), SMALL_MASK2FORMER,
+                                   SMALL_QUERYINST],
+                         ids=["knet", "mask2former", "queryinst"])
 def test_interrupted_run_resumed_equals_uninterrupted(gt_store, demo, tmp_path, monkeypatch, model):
     """Mask2Former also draws random points in its losses: they too must not depend on where a run started."""
     full = weights(pretrain(config(gt_store, demo["unlabeled"], tmp_path / "full", model=model)))

@@ -229,6 +229,45 @@ def table_cmd(
         fail(str(e))
 
 
+def display_names(paths: list[Path], names: Optional[str], what: str) -> list[str]:
+    """--names split at commas (one per path), or else the shortest path endings that tell the paths apart
+    (runs/sp/last.pth and runs/scratch/last.pth → sp/last, scratch/last)."""
+    if names is not None:
+        listed = names.split(",")
+        if len(listed) != len(paths):
+            fail(f"--names gives {len(listed)} names for {len(paths)} {what}")
+        return listed
+    parts = [(p.resolve().parent / p.stem if p.suffix and not p.is_dir() else p.resolve()).parts for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        endings = ["/".join(p[-depth:]) for p in parts]
+        if len(set(endings)) == len(endings):
+            break
+    return endings
+
+
+Names = Annotated[Optional[str], typer.Option(help="Comma-separated display names, one per argument (default: "
+                                              "the shortest path endings that tell them apart).")]
+OutPng = Annotated[Path, typer.Option(help="The PNG to write.")]
+
+
+@app.command("plot-losses")
+def plot_losses_cmd(
+    runs: Annotated[list[Path], typer.Argument(exists=True, help="Run folders of `sp pretrain` / `sp finetune` "
+                                               "(or their metrics.jsonl files).")],
+    out: OutPng,
+    names: Names = None,
+):
+    """Training losses of runs side by side: a panel per loss term (loss, s0_dice, ..., kernel), a line per run."""
+    from stages.report import plot_losses
+
+    files = [run / "metrics.jsonl" if run.is_dir() else run for run in runs]
+    labels = display_names([f.parent for f in files], names, "runs")
+    try:
+        typer.echo(f"wrote {plot_losses(files, labels, out)}")
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
 @app.command("split")
 def split(
     instances: Annotated[Path, typer.Argument(exists=True, dir_okay=False,

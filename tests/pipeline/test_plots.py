@@ -1,0 +1,51 @@
+"""pipeline.plots: the mean ± sd band over seeds, and charts that are written and show something."""
+import math
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
+
+from pipeline.plots import draw_series, line_chart, panel_chart, seed_band
+
+
+def assert_drawn(png, size=None):
+    """The PNG exists, has the expected size, and is not one flat colour."""
+    with Image.open(png) as im:
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+    if size is not None:
+        assert pixels.shape[1::-1] == size
+    assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20
+
+
+def test_seed_band_is_numpys_mean_and_sample_sd_over_the_seeds_evaluated_at_each_x():
+    seeds = [[(1, 1.0), (2, 4.0), (3, 8.0)],
+             [(1, 3.0), (2, 6.0)],  # not evaluated at epoch 3
+             [(2, 5.0), (3, 11.0), (5, 2.0)]]
+    x, mean, sd = seed_band(seeds)
+    np.testing.assert_array_equal(x, [1, 2, 3, 5])
+    expected = {1: [1.0, 3.0], 2: [4.0, 6.0, 5.0], 3: [8.0, 11.0], 5: [2.0]}
+    np.testing.assert_allclose(mean, [np.mean(expected[e]) for e in (1, 2, 3, 5)])
+    np.testing.assert_allclose(sd[:3], [np.std(expected[e], ddof=1) for e in (1, 2, 3)])
+    assert math.isnan(sd[3])  # one seed there: no spread
+
+
+def test_band_drawn_for_several_seeds_and_not_for_one():
+    ax = Figure().add_subplot()
+    draw_series(ax, {"one seed": [[(1, 1.0), (2, 2.0)]]})
+    assert len(ax.collections) == 0 and len(ax.lines) == 1
+    draw_series(ax, {"two seeds": [[(1, 1.0), (2, 2.0)], [(1, 3.0), (2, 2.5)]]})
+    assert len(ax.collections) == 1 and len(ax.lines) == 2
+    band = ax.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == pytest.approx(2.0 - np.std([1.0, 3.0], ddof=1))
+    assert band[:, 1].max() == pytest.approx(2.0 + np.std([1.0, 3.0], ddof=1))
+
+
+def test_line_chart_and_panel_chart_write_pngs_that_show_something(tmp_path):
+    line_chart({"a": [[(1, 1.0), (2, 3.0)], [(1, 2.0), (2, 4.0)]], "b": [[(1, 0.5), (2, 0.7)]]},
+               tmp_path / "sub" / "curves.png", title="t", xlabel="epoch", ylabel="AP")
+    assert_drawn(tmp_path / "sub" / "curves.png", (800, 480))
+    panels = {"loss": {"r1": [(1, 3.0), (2, 2.0)], "r2": [(1, 4.0), (2, 1.0)]}, "kernel": {"r2": [(1, 1.0), (2, 0.5)]}}
+    panel_chart(panels, tmp_path / "losses.png", xlabel="step")
+    assert_drawn(tmp_path / "losses.png")
+

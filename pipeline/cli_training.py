@@ -245,8 +245,10 @@ def display_names(paths: list[Path], names: Optional[str], what: str) -> list[st
     return endings
 
 
+Checkpoints = Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="Checkpoints, one column or row each.")]
 Names = Annotated[Optional[str], typer.Option(help="Comma-separated display names, one per argument (default: "
                                               "the shortest path endings that tell them apart).")]
+ImagesDir = Annotated[Path, typer.Option(exists=True, file_okay=False, help="Folder of images.")]
 OutPng = Annotated[Path, typer.Option(help="The PNG to write.")]
 
 
@@ -266,6 +268,32 @@ def plot_losses_cmd(
         typer.echo(f"wrote {plot_losses(files, labels, out)}")
     except (ValueError, OSError) as e:
         fail(str(e))
+
+
+@app.command("kernel-maps")
+def kernel_maps_cmd(
+    checkpoints: Checkpoints,
+    images: ImagesDir,
+    out: Annotated[Path, typer.Option(help="The PNG grid; the maps go next to it as OUT_STEM.NAME.npy (N, S, S).")],
+    names: Names = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N images (sorted by path).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Short side (default: the checkpoint's training one).")] = None,
+    max_size: Annotated[Optional[int], typer.Option(help="Long-side cap (default: the checkpoint's training one).")] = None,
+    canvas: Annotated[int, typer.Option(min=4, help="Side S of the map in normalised image coordinates.")] = 64,
+    columns: Annotated[int, typer.Option(min=0, help="Maps per row (0: all N kernels of a checkpoint in one row).")] = 0,
+    workers: Workers = 2,
+    device: Device = "auto",
+):
+    """Figure 6: each K-Net kernel's mask probability averaged over a folder of images, a row per checkpoint."""
+    from stages.kernel_maps import write_kernel_maps
+
+    labels = display_names(checkpoints, names, "checkpoints")
+    try:
+        paths = write_kernel_maps(checkpoints, labels, images, out, limit, image_size, max_size,
+                                  resolve_device(device), canvas, columns, workers)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo("\n".join(f"wrote {p}" for p in paths))
 
 
 @app.command("split")

@@ -85,3 +85,30 @@ def panel_chart(panels: dict[str, dict[str, Points]], out_png: Path, xlabel: str
     fig.legend(handles, runs, loc="outside lower center", ncols=min(len(runs), 4), frameon=False)
     return save(fig, out_png)
 
+
+def heatmap_grid(maps: dict[str, np.ndarray], columns: int = 0, panel_inches: float = 0.8) -> Figure:
+    """Small heatmaps, one block of rows per name: maps[name] (N, S, S) gives N panels, `columns` per row (0:
+    all N in one row), titled by index, the block labelled with the name; one colour scale from 0 to the
+    largest value of all maps, with its colour bar."""
+    longest = max(len(m) for m in maps.values())
+    columns = columns or longest
+    blocks = {name: math.ceil(len(m) / columns) for name, m in maps.items()}
+    fig = Figure(figsize=(panel_inches * columns + 1.5, panel_inches * 1.25 * sum(blocks.values()) + 0.3), dpi=100,
+                 layout="constrained")
+    axes = fig.subplots(sum(blocks.values()), columns, squeeze=False)
+    top = max(float(m.max()) for m in maps.values()) or 1.0
+    row = 0
+    for name, stack in maps.items():
+        for k, ax in enumerate(axes[row:row + blocks[name]].ravel()):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k >= len(stack):
+                ax.set_axis_off()
+                continue
+            image = ax.imshow(stack[k], cmap="viridis", vmin=0.0, vmax=top)
+            ax.set_title(str(k), fontsize=6, pad=2)
+        axes[row, 0].set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
+        row += blocks[name]
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="mean mask probability")
+    return fig
+

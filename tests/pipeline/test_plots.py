@@ -6,7 +6,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline.plots import draw_series, line_chart, panel_chart, seed_band
+from pipeline.plots import draw_series, heatmap_grid, line_chart, panel_chart, seed_band
 
 
 def assert_drawn(png, size=None):
@@ -48,4 +48,13 @@ def test_line_chart_and_panel_chart_write_pngs_that_show_something(tmp_path):
     panels = {"loss": {"r1": [(1, 3.0), (2, 2.0)], "r2": [(1, 4.0), (2, 1.0)]}, "kernel": {"r2": [(1, 1.0), (2, 0.5)]}}
     panel_chart(panels, tmp_path / "losses.png", xlabel="step")
     assert_drawn(tmp_path / "losses.png")
+
+
+def test_heatmap_grid_has_a_block_of_panels_per_name_and_wraps():
+    maps = {"a": np.random.default_rng(0).random((5, 8, 8)), "b": np.zeros((3, 8, 8))}
+    fig = heatmap_grid(maps, columns=4)  # a: 2 rows of 4 panels (5 used), b: 1 row (3 used)
+    images = [ax for ax in fig.axes if ax.images]
+    assert len(images) == 8 and len([ax for ax in fig.axes if ax.get_label() == "<colorbar>"]) == 1
+    assert [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel() and ax.get_label() != "<colorbar>"] == ["a", "b"]
+    assert images[0].images[0].get_clim() == (0.0, maps["a"].max())  # one colour scale for every map
 

@@ -296,6 +296,33 @@ def kernel_maps_cmd(
     typer.echo("\n".join(f"wrote {p}" for p in paths))
 
 
+@app.command("compare")
+def compare_cmd(
+    checkpoints: Checkpoints,
+    images: ImagesDir,
+    out: OutPng,
+    names: Names = None,
+    files: Annotated[Optional[str], typer.Option(help="Comma-separated image files (relative to --images) to show.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Without --files: the first N images (sorted by path).")] = 4,
+    score_threshold: Annotated[float, typer.Option(help="Draw detections at least this confident.")] = 0.3,
+    ann: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="COCO instances JSON of the "
+                                                "images: adds a ground-truth column first.")] = None,
+    workers: Workers = 2,
+    device: Device = "auto",
+):
+    """Fine-tuned checkpoints' predictions on the same photos side by side: a column per checkpoint, a row per photo."""
+    from pipeline.plots import save
+    from stages.compare import comparison_figure
+
+    labels = display_names(checkpoints, names, "checkpoints")
+    try:
+        figure = comparison_figure(checkpoints, labels, images, files.split(",") if files else None, limit,
+                                   score_threshold, ann, resolve_device(device), workers)
+        typer.echo(f"wrote {save(figure, out)}")
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
 @app.command("split")
 def split(
     instances: Annotated[Path, typer.Argument(exists=True, dir_okay=False,

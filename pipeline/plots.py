@@ -112,3 +112,26 @@ def heatmap_grid(maps: dict[str, np.ndarray], columns: int = 0, panel_inches: fl
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="mean mask probability")
     return fig
 
+
+def image_grid(images: list[list], row_titles: list[str], column_titles: list[str], max_inches: float = 6.4) -> Figure:
+    """images[r][c] (PIL images or (H, W, 3) arrays; None leaves a panel empty) in a rows x columns grid of
+    axes without ticks; each column titled on the top row, each row labelled on the left. A panel is as
+    wide as the widest image at 100 dpi (at most max_inches); a row as tall as its tallest image asks."""
+    images = [[None if im is None else np.asarray(im) for im in line] for line in images]
+    shown = [a for line in images for a in line if a is not None]
+    width = min(max_inches, max((a.shape[1] for a in shown), default=100) / 100)
+    heights = [width * max((a.shape[0] / a.shape[1] for a in line if a is not None), default=0.2) for line in images]
+    fig = Figure(figsize=(width * len(column_titles) + 0.6, sum(heights) + 0.3 * len(images) + 0.3), dpi=100,
+                 layout="constrained")
+    axes = fig.subplots(len(images), len(column_titles), squeeze=False, gridspec_kw={"height_ratios": heights})
+    for r, line in enumerate(images):
+        for c, im in enumerate(line):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if im is not None:
+                ax.imshow(im)
+            if r == 0:
+                ax.set_title(column_titles[c], fontsize="x-large")
+        axes[r, 0].set_ylabel(row_titles[r], fontsize="large")
+    return fig

@@ -6,7 +6,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline.plots import draw_series, heatmap_grid, line_chart, panel_chart, seed_band
+from pipeline.plots import draw_series, heatmap_grid, image_grid, line_chart, panel_chart, seed_band
 
 
 def assert_drawn(png, size=None):
@@ -58,3 +58,11 @@ def test_heatmap_grid_has_a_block_of_panels_per_name_and_wraps():
     assert [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel() and ax.get_label() != "<colorbar>"] == ["a", "b"]
     assert images[0].images[0].get_clim() == (0.0, maps["a"].max())  # one colour scale for every map
 
+
+def test_image_grid_lays_out_rows_and_titled_columns():
+    photo = np.zeros((30, 40, 3), np.uint8)
+    fig = image_grid([[photo, photo, None], [photo, photo, photo]], ["x.jpg", "y.jpg"], ["gt", "a", "b"])
+    assert len(fig.axes) == 6
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["gt", "a", "b"]
+    assert [fig.axes[0].get_ylabel(), fig.axes[3].get_ylabel()] == ["x.jpg", "y.jpg"]
+    assert [len(ax.images) for ax in fig.axes] == [1, 1, 0, 1, 1, 1]

@@ -246,6 +246,100 @@ def table_cmd(
         fail(str(e))
 
 
+def display_names(paths: list[Path], names: Optional[str], what: str) -> list[str]:
+    """--names split at commas (one per path), or else the shortest path endings that tell the paths apart
+    (runs/sp/last.pth and runs/scratch/last.pth → sp/last, scratch/last)."""
+    if names is not None:
+        listed = names.split(",")
+        if len(listed) != len(paths):
+            fail(f"--names gives {len(listed)} names for {len(paths)} {what}")
+        return listed
+    parts = [(p.resolve().parent / p.stem if p.suffix and not p.is_dir() else p.resolve()).parts for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        endings = ["/".join(p[-depth:]) for p in parts]
+        if len(set(endings)) == len(endings):
+            break
+    return endings
+
+
+Checkpoints = Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="Checkpoints, one column or row each.")]
+Names = Annotated[Optional[str], typer.Option(help="Comma-separated display names, one per argument (default: "
+                                              "the shortest path endings that tell them apart).")]
+ImagesDir = Annotated[Path, typer.Option(exists=True, file_okay=False, help="Folder of images.")]
+OutPng = Annotated[Path, typer.Option(help="The PNG to write.")]
+
+
+@app.command("plot-losses")
+def plot_losses_cmd(
+    runs: Annotated[list[Path], typer.Argument(exists=True, help="Run folders of `sp pretrain` / `sp finetune` "
+                                               "(or their metrics.jsonl files).")],
+    out: OutPng,
+    names: Names = None,
+):
+    """Training losses of runs side by side: a panel per loss term (loss, s0_dice, ..., kernel), a line per run."""
+    from stages.report import plot_losses
+
+    files = [run / "metrics.jsonl" if run.is_dir() else run for run in runs]
+    labels = display_names([f.parent for f in files], names, "runs")
+    try:
+        typer.echo(f"wrote {plot_losses(files, labels, out)}")
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
+@app.command("kernel-maps")
+def kernel_maps_cmd(
+    checkpoints: Checkpoints,
+    images: ImagesDir,
+    out: Annotated[Path, typer.Option(help="The PNG grid; the maps go next to it as OUT_STEM.NAME.npy (N, S, S).")],
+    names: Names = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N images (sorted by path).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Short side (default: the checkpoint's training one).")] = None,
+    max_size: Annotated[Optional[int], typer.Option(help="Long-side cap (default: the checkpoint's training one).")] = None,
+    canvas: Annotated[int, typer.Option(min=4, help="Side S of the map in normalised image coordinates.")] = 64,
+    columns: Annotated[int, typer.Option(min=0, help="Maps per row (0: all N kernels of a checkpoint in one row).")] = 0,
+    workers: Workers = 2,
+    device: Device = "auto",
+):
+    """Figure 6: each K-Net kernel's mask probability averaged over a folder of images, a row per checkpoint."""
+    from stages.kernel_maps import write_kernel_maps
+
+    labels = display_names(checkpoints, names, "checkpoints")
+    try:
+        paths = write_kernel_maps(checkpoints, labels, images, out, limit, image_size, max_size,
+                                  resolve_device(device), canvas, columns, workers)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo("\n".join(f"wrote {p}" for p in paths))
+
+
+@app.command("compare")
+def compare_cmd(
+    checkpoints: Checkpoints,
+    images: ImagesDir,
+    out: OutPng,
+    names: Names = None,
+    files: Annotated[Optional[str], typer.Option(help="Comma-separated image files (relative to --images) to show.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Without --files: the first N images (sorted by path).")] = 4,
+    score_threshold: Annotated[float, typer.Option(help="Draw detections at least this confident.")] = 0.3,
+    ann: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="COCO instances JSON of the "
+                                                "images: adds a ground-truth column first.")] = None,
+    workers: Workers = 2,
+    device: Device = "auto",
+):
+    """Fine-tuned checkpoints' predictions on the same photos side by side: a column per checkpoint, a row per photo."""
+    from pipeline.plots import save
+    from stages.compare import comparison_figure
+
+    labels = display_names(checkpoints, names, "checkpoints")
+    try:
+        figure = comparison_figure(checkpoints, labels, images, files.split(",") if files else None, limit,
+                                   score_threshold, ann, resolve_device(device), workers)
+        typer.echo(f"wrote {save(figure, out)}")
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
 @app.command("split")
 def split(
     instances: Annotated[Path, typer.Argument(exists=True, dir_okay=False,

@@ -179,7 +179,7 @@ def plot_curve(run: Path) -> Path:
     """curve.png: mask and box AP against epochs, from metrics.jsonl (the paper's Figures 3-4)."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "segm_AP" in r]
-    series = {"mask AP": [(r["epoch"], r["segm_AP"]) for r in evals],
-              "box AP": [(r["epoch"], r["bbox_AP"]) for r in evals]}
+    series = {"mask AP": [[(r["epoch"], r["segm_AP"]) for r in evals]],
+              "box AP": [[(r["epoch"], r["bbox_AP"]) for r in evals]]}
     return line_chart(series, run / "curve.png", title=f"{run.parent.name}/{run.name}: AP on the validation set",
                       xlabel="epoch", ylabel="AP (%)")

@@ -25,12 +25,16 @@ def build_model(kind: str, config: dict) -> nn.Module:
     return build_query_model(query_model_spec(kind).config(**config))
 
 
-def load_checkpoint_model(path: Path, device: str) -> tuple[nn.Module, dict]:
-    """The model of a `sp finetune` checkpoint, in eval mode, and the checkpoint dict (categories, args, ...)."""
+def load_checkpoint_model(path: Path, device: str, pretrained_ok: bool = False) -> tuple[nn.Module, dict]:
+    """The model of a `sp finetune` checkpoint, in eval mode, and the checkpoint dict (categories, args, ...).
+    pretrained_ok: also the K-Net of a `sp pretrain` checkpoint (its prompt module is not loaded)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("kind") != "sp-finetune":
-        raise ValueError(f"{path} is not a `sp finetune` checkpoint (kind {state.get('kind')!r}); "
-                         "a pre-training checkpoint is used through `sp finetune --init`")
+    if pretrained_ok and state.get("kind") == "sp-pretrain":
+        state = {"model_kind": "knet", **state}
+    elif state.get("kind") != "sp-finetune":
+        raise ValueError(f"{path} is not a `sp finetune` checkpoint (kind {state.get('kind')!r}); " +
+                         ("nor a `sp pretrain` one" if pretrained_ok else
+                          "a pre-training checkpoint is used through `sp finetune --init`"))
     with warnings.catch_warnings():  # the random-backbone warning does not apply: weights come next
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
         logging.getLogger("models.backbone").disabled = True

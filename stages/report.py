@@ -1,9 +1,10 @@
-"""`sp table`: the results table (markdown and JSON) of several evaluated fine-tuning runs.
+"""`sp table`: the results table (markdown and JSON) of several evaluated fine-tuning runs; `sp plot-losses`:
+the training-loss curves of runs side by side.
 
 A row is a setting; several files under one name are its seeds, shown as mean ± sample standard deviation.
 With the runs' metrics.jsonl the table adds the mask AP after the first fine-tuning epochs (the convergence
-claim of the paper's Figure 3) and a plot of every row's mean learning curve; with `sp eval-masks` files it adds
-the class-agnostic quality of the pseudo masks (Table 6).
+claim of the paper's Figure 3) and a plot of every row's mean learning curve with a ±1 sd band; with
+`sp eval-masks` files it adds the class-agnostic quality of the pseudo masks (Table 6).
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import math
 import statistics
 from pathlib import Path
 
-from pipeline.plots import line_chart
+from pipeline.plots import Points, line_chart, panel_chart
 
 COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+NOT_LOSSES = {"step", "epoch", "lr", "grad_norm", "img_per_s", "time"}  # the other keys of a training record
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -33,10 +35,39 @@ def cell(values: list[float]) -> str:
     return f"{mean:.1f}" if math.isnan(sd) else f"{mean:.1f} ± {sd:.1f}"
 
 
+def read_metrics(metrics_file: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+
+
 def epoch_ap(metrics_file: Path) -> dict[int, float]:
     """{epoch: mask AP on the validation set} from a `sp finetune` metrics.jsonl."""
-    records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
-    return {int(r["epoch"]): float(r["segm_AP"]) for r in records if "segm_AP" in r}
+    return {int(r["epoch"]): float(r["segm_AP"]) for r in read_metrics(metrics_file) if "segm_AP" in r}
+
+
+def loss_curves(metrics_file: Path) -> dict[str, Points]:
+    """{loss term: [(step, value), ...]} from the training records (those with a 'loss') of a `sp pretrain` or
+    `sp finetune` metrics.jsonl, terms in the order logged: the total 'loss', then s0_dice, s0_mask, ..., kernel."""
+    curves: dict[str, Points] = {}
+    for record in read_metrics(metrics_file):
+        if "loss" in record:
+            for term, value in record.items():
+                if term not in NOT_LOSSES:
+                    curves.setdefault(term, []).append((record["step"], float(value)))
+    return curves
+
+
+def plot_losses(metrics_files: list[Path], names: list[str], out_png: Path) -> Path:
+    """One panel per loss term, one line per run (loss against step), to compare pre-training runs."""
+    if len(names) != len(metrics_files):
+        raise ValueError(f"{len(names)} names for {len(metrics_files)} runs")
+    panels: dict[str, dict[str, Points]] = {}
+    for name, path in zip(names, metrics_files):
+        curves = loss_curves(path)
+        if not curves:
+            raise ValueError(f"{path} has no training records (lines with a 'loss')")
+        for term, points in curves.items():
+            panels.setdefault(term, {})[name] = points
+    return panel_chart(panels, out_png, xlabel="step")
 
 
 def load_rows(eval_files: list[Path], names: list[str], metrics_files: list[Path] = ()) -> dict[str, list[dict]]:
@@ -77,14 +108,16 @@ def pseudo_mask_table(quality: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def curve_series(rows: dict[str, list[dict]]) -> dict[str, list[Points]]:
+    """{row name: one [(epoch, mask AP), ...] per seed}, for `line_chart`."""
+    return {name: [sorted(r["curve"].items()) for r in records] for name, records in rows.items()}
+
+
 def plot_curves(rows: dict[str, list[dict]], out_png: Path) -> Path:
-    """Mean mask AP against fine-tuning epoch, one line per row (epochs that every seed evaluated)."""
-    series = {}
-    for name, records in rows.items():
-        epochs = sorted(set.intersection(*(set(r["curve"]) for r in records)))
-        series[name] = [(e, statistics.fmean(r["curve"][e] for r in records)) for e in epochs]
-    return line_chart(series, out_png, title="Fine-tuning: mask AP on the validation set (mean over seeds)",
-                      xlabel="epoch", ylabel="mask AP (%)", size=(800, 480))
+    """Mask AP against fine-tuning epoch, one line per row: the mean over its seeds with a ±1 sample-sd band
+    (at each epoch, over the seeds evaluated there)."""
+    return line_chart(curve_series(rows), out_png, xlabel="epoch", ylabel="mask AP (%)",
+                      title="Fine-tuning: mask AP on the validation set (mean ± sd over seeds)")
 
 
 def write_table(eval_files: list[Path], names: list[str], out_prefix: Path, metrics_files: list[Path] = (),

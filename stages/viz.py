@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from stages.image_data import load_image
 from store import rle
@@ -32,20 +32,25 @@ def pick_images(store: PseudoLabelStore, n: int, seed: int | None) -> list[int]:
     return sorted(int(i) for i in np.random.default_rng(seed).choice(done, n, replace=False))
 
 
-def overlay(image: Image.Image, masks: list[np.ndarray], boxes: np.ndarray, scores: np.ndarray) -> Image.Image:
+def overlay(image: Image.Image, masks: list[np.ndarray], boxes: np.ndarray, scores: np.ndarray | None,
+            names: list[str] | None = None, font_size: int | None = None) -> Image.Image:
     """image (W x H, RGB) with each mask (H, W) blended in its colour, its box (xyxy, x2/y2 exclusive)
-    outlined and its score written at the box's top-left corner. Returns a new image."""
+    outlined and its name and score (each when given) written at the box's top-left corner, in PIL's default
+    font (at font_size pixels when given). Returns a new image."""
     pixels = np.asarray(image, dtype=np.float32).copy()
     for k, mask in enumerate(masks):
         inside = mask.astype(bool)
         pixels[inside] = (1 - ALPHA) * pixels[inside] + ALPHA * np.array(mask_colour(k), np.float32)
     out = Image.fromarray(np.round(pixels).astype(np.uint8))
     draw = ImageDraw.Draw(out)
-    for k, ((x1, y1, x2, y2), score) in enumerate(zip(boxes, scores)):
+    font = ImageFont.load_default(font_size) if font_size else None
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
         if x2 <= x1 or y2 <= y1:
             continue  # empty mask: no box to draw
         draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=mask_colour(k))
-        draw.text((x1 + 2, y1 + 1), f"{score:.2f}", fill=mask_colour(k))
+        caption = [names[k]] if names is not None else []
+        caption += [f"{scores[k]:.2f}"] if scores is not None else []
+        draw.text((x1 + 2, y1 + 1), " ".join(caption), fill=mask_colour(k), font=font)
     return out
 
 

@@ -1,13 +1,18 @@
-"""stages.report (`sp table`): rows over seeds, early-epoch AP, pseudo-mask quality, and the CLI's errors."""
+"""stages.report (`sp table`, `sp plot-losses`): rows over seeds, early-epoch AP, learning-curve bands,
+pseudo-mask quality, loss curves, and the CLI's errors."""
 import json
 import math
 import statistics
 
+import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from stages.report import COLUMNS, cell, mean_sd, pseudo_mask_table, write_table
+from pipeline.cli_training import display_names
+from pipeline.plots import seed_band
+from stages.report import (COLUMNS, cell, curve_series, load_rows, loss_curves, mean_sd, pseudo_mask_table,
+                           write_table)
 
 NAN = float("nan")
 
@@ -87,3 +92,59 @@ def test_cli_writes_the_tables_and_names_bad_arguments(tmp_path):
     bad_quality = runner.invoke(app, ["table", str(a0[0]), "--names", "a", "--out", str(tmp_path / "u"),
                                       "--pseudo-masks", str(quality)])
     assert bad_quality.exit_code != 0 and "NAME=FILE" in bad_quality.output
+
+
+def test_curve_band_of_a_row_is_the_mean_and_sd_of_its_seeds_at_each_epoch(tmp_path):
+    runs = [write_run(tmp_path, "s0", 1.0, {1: 1.0, 2: 4.0, 4: 9.0}),
+            write_run(tmp_path, "s1", 1.0, {1: 2.0, 2: 7.0}),  # stopped before epoch 4
+            write_run(tmp_path, "s2", 1.0, {2: 5.0, 4: 12.0})]  # first evaluated at epoch 2
+    rows = load_rows([r[0] for r in runs], ["sp"] * 3, [r[1] for r in runs])
+    epochs, mean, sd = seed_band(curve_series(rows)["sp"])
+    at = {1: [1.0, 2.0], 2: [4.0, 7.0, 5.0], 4: [9.0, 12.0]}
+    np.testing.assert_array_equal(epochs, [1, 2, 4])
+    np.testing.assert_allclose(mean, [np.mean(at[e]) for e in (1, 2, 4)])
+    np.testing.assert_allclose(sd, [np.std(at[e], ddof=1) for e in (1, 2, 4)])
+
+
+def write_pretrain_log(folder, kernel: bool):
+    """A `sp pretrain`-style metrics.jsonl: training records every 5 steps (an evaluation-like record too)."""
+    folder.mkdir(parents=True)
+    lines = []
+    for step in (5, 10, 15):
+        losses = {"s0_dice": 1.0 / step, "s1_cls": 2.0 / step, **({"kernel": 0.5} if kernel else {})}
+        lines.append({"step": step, "epoch": 0, "lr": 1e-4, "loss": sum(losses.values()), "grad_norm": 3.0,
+                      "img_per_s": 2.0, **losses, "time": 1.0})
+    lines.append({"step": 15, "epoch": 1, "segm_AP": 3.0})
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    return folder
+
+
+def test_loss_curves_are_the_logged_terms_against_step(tmp_path):
+    curves = loss_curves(write_pretrain_log(tmp_path / "run", kernel=True) / "metrics.jsonl")
+    assert list(curves) == ["loss", "s0_dice", "s1_cls", "kernel"]
+    assert curves["s1_cls"] == [(5, 0.4), (10, 0.2), (15, 2.0 / 15)]
+    assert curves["loss"][0] == (5, 0.2 + 0.4 + 0.5)
+
+
+def test_plot_losses_cli_draws_runs_with_different_terms_and_names_bad_input(tmp_path):
+    sp = write_pretrain_log(tmp_path / "sp" / "seed0", kernel=True)
+    plain = write_pretrain_log(tmp_path / "plain" / "seed0", kernel=False)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["plot-losses", str(sp), str(plain / "metrics.jsonl"), "--out", str(tmp_path / "l.png")])
+    assert ok.exit_code == 0, ok.output
+    with Image.open(tmp_path / "l.png") as im:
+        pixels = np.asarray(im.convert("L"))
+    assert im.size[0] > 1000 and pixels.std() > 10  # four panels side by side, not blank
+    wrong = runner.invoke(app, ["plot-losses", str(sp), "--names", "a,b", "--out", str(tmp_path / "m.png")])
+    assert wrong.exit_code == 2 and "2 names for 1 runs" in wrong.output
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "segm_AP": 1.0}) + "\n")
+    empty = runner.invoke(app, ["plot-losses", str(tmp_path / "empty"), "--out", str(tmp_path / "n.png")])
+    assert empty.exit_code == 2 and "no training records" in empty.output
+
+
+def test_default_names_are_the_shortest_path_endings_that_differ(tmp_path):
+    paths = [tmp_path / "runs" / row / "seed0" / "last.pth" for row in ("sp", "scratch")]
+    assert display_names(paths, None, "checkpoints") == ["sp/seed0/last", "scratch/seed0/last"]
+    assert display_names(paths[:1], None, "checkpoints") == ["last"]
+    assert display_names(paths, "a,b", "checkpoints") == ["a", "b"]

@@ -43,7 +43,10 @@ STORE_OF = {}  # store name -> hash
 STORE_SETTINGS = {}  # hash -> generation settings
 for name, over in named("stores", config["gen_masks"]).items():
     settings = dict(config["gen_masks"], **over)
-    STORE_OF[name] = settings_hash(dict(settings, images=config["unlabeled_images"]))
+    images = {"images": config["unlabeled_images"]}
+    if config["unlabeled_list"]:  # which images of the folder, by content
+        images["image_list"] = hashlib.sha256(open(config["unlabeled_list"], "rb").read()).hexdigest()
+    STORE_OF[name] = settings_hash(dict(settings, **images))
     STORE_SETTINGS[STORE_OF[name]] = settings
 
 PRETRAIN_OF = {}  # pre-training run name -> "<store hash>-<settings hash>"
@@ -98,7 +101,8 @@ COMMON = dict(workers=0, device=config["device"])
 def gen_masks_cmd(w):
     g = STORE_SETTINGS[w.store]
     return (f"sp gen-masks {config['unlabeled_images']} --store {RES}/stores/{w.store}.zarr --shard {w.i}/{NSHARDS} "
-            + flags(batch_size=config["gen_batch_size"], workers=THREADS, device=config["device"], method=g["method"],
+            + flags(image_list=config["unlabeled_list"], batch_size=config["gen_batch_size"], workers=THREADS,
+                    device=config["device"], method=g["method"],
                     backbone=g["backbone"], backbone_weights=g["backbone_weights"], image_size=g["image_size"],
                     max_size=g["max_size"], min_score=g["min_score"], max_masks=g["max_masks"], nms=g["nms"]))
 

@@ -27,6 +27,9 @@ def gen_masks(
     device: Device = "auto",
     shard: Annotated[Optional[str], typer.Option(help="I/N: process the I-th of N contiguous parts into "
                                                  "STORE_STEM.partI-of-N.zarr; join them with `sp store merge`.")] = None,
+    image_list: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="Only the images this text "
+                                                       "file lists, one path relative to IMAGES_DIR per line (# "
+                                                       "comments), e.g. to pool several folders under one root.")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first K images (sorted by path).")] = None,
     commit_every: Annotated[int, typer.Option(min=1, help="Commit to the store every N images; a crash "
                                               "loses at most the last N, redone on rerun.")] = 32,
@@ -48,6 +51,7 @@ def gen_masks(
     """Stage 1: pseudo masks from seed-convolution saliency, written to a resumable Zarr store."""
     from models.saliency import SaliencyConfig
     from stages.gen_masks import GenerationSettings, RunOptions, generate, parse_shard
+    from stages.image_data import read_image_list
     from store.export import format_summary, store_summary
 
     try:
@@ -61,8 +65,9 @@ def gen_masks(
                                     min_center_y_frac=min_center_y_frac))
         options = RunOptions(batch_size=batch_size, workers=workers, device=resolve_device(device),
                              shard=parse_shard(shard) if shard else None, limit=limit, commit_images=commit_every)
+        names = read_image_list(image_list, images_dir) if image_list else None
         result = generate(images_dir, store, settings, options,
-                          backbone_weights=backbone_weights_path(backbone, backbone_weights))
+                          backbone_weights=backbone_weights_path(backbone, backbone_weights), file_names=names)
     except (ValueError, OSError) as e:
         fail(str(e))
     typer.echo(format_summary(store_summary(result)))

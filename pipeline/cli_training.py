@@ -170,7 +170,9 @@ def evaluate_cmd(
                                                 "(RLE segmentations) next to it as *.results.json.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Test short side (default: the training one).")] = None,
     max_size: Annotated[Optional[int], typer.Option(help="Test long-side cap (default: the training one).")] = None,
-    batch_size: BatchSize = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch. 1 (default): every image alone, as "
+                                            "fine-tuning evaluates; in a padded batch K-Net's mask pooling and "
+                                            "GroupNorm see the padding, so results depend on batch partners.")] = 1,
     workers: Workers = 2,
     device: Device = "auto",
 ):

@@ -129,8 +129,11 @@ def loss_function(model: nn.Module, kind: str, device: str):
 
 
 def evaluate_model(model: nn.Module, kind: str, ann: Path, images: Path, image_size: int, max_size: int,
-                   device: str, batch_size: int = 2, workers: int = 2) -> tuple[dict, list[dict]]:
-    """COCO segm and bbox AP of a model on a labeled set, and the COCO results list."""
+                   device: str, batch_size: int = 1, workers: int = 2) -> tuple[dict, list[dict]]:
+    """COCO segm and bbox AP of a model on a labeled set, and the COCO results list.
+
+    batch_size 1 by default: in a padded batch, K-Net's mask pooling and the GroupNorm statistics of its
+    necks see the padding, so an image's predictions would depend on the image it is batched with."""
     data = load_instances(ann)
     category_ids = sorted(c["id"] for c in data["categories"])
     images_sorted = sorted(data["images"], key=lambda img: img["id"])
@@ -162,7 +165,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         if not dist.main or (epoch % cfg.eval_every and epoch != cfg.epochs):
             return {}
         metrics, _ = evaluate_model(model, cfg.model, cfg.val_ann, cfg.val_images, cfg.image_size, cfg.max_size,
-                                    dist.device, cfg.batch_size, cfg.workers)
+                                    dist.device, workers=cfg.workers)
         record = {f"{t}_{k}": v for t in ("segm", "bbox") for k, v in metrics[t].items()}
         log.info("epoch %d: mask AP %.1f, box AP %.1f", epoch, record["segm_AP"], record["bbox_AP"])
         if record["segm_AP"] > best["AP"]:

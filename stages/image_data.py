@@ -36,6 +36,20 @@ def list_images(root: Path) -> list[str]:
     return names
 
 
+def read_image_list(list_file: Path, root: Path) -> list[str]:
+    """Sorted, de-duplicated image paths (relative to root) from a text file, one per line, '#' comments;
+    a listed file that does not exist under root is an error naming the first few."""
+    lines = (line.split("#", 1)[0].strip() for line in Path(list_file).read_text().splitlines())
+    names = sorted({line for line in lines if line})
+    if not names:
+        raise ValueError(f"{list_file} lists no images")
+    missing = [n for n in names if not (Path(root) / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{list_file}: {len(missing)} listed images are not under {root}, e.g. "
+                                f"{', '.join(missing[:3])}")
+    return names
+
+
 def resized_size(height: int, width: int, image_size: int, max_size: int) -> tuple[int, int]:
     scale = min(image_size / min(height, width), max_size / max(height, width))
     return max(1, round(height * scale)), max(1, round(width * scale))

@@ -55,3 +55,20 @@ def test_backbone_weights_errors_name_the_fix(demo, tmp_path):
     result = runner.invoke(app, [*args, "--backbone", "vgg16", "--backbone-weights", "none"])
     assert result.exit_code == 2 and "unknown backbone 'vgg16'" in result.output
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_image_list_selects_images_and_names_missing_ones(demo, tmp_path):
+    names = sorted(p.name for p in demo["unlabeled"].iterdir())
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# three of them\n{names[4]}\n{names[1]}\n\n{names[7]}  # a comment\n")
+    result = runner.invoke(app, ["gen-masks", str(demo["unlabeled"]), "--store", str(tmp_path / "s.zarr"),
+                                 "--image-list", str(listing), *TINY])
+    assert result.exit_code == 0, result.output
+    from store.pseudo_label_store import PseudoLabelStore
+
+    assert PseudoLabelStore.open(tmp_path / "s.zarr").file_names == sorted([names[1], names[4], names[7]])
+    listing.write_text(f"{names[0]}\nnot_there.jpg\n")
+    result = runner.invoke(app, ["gen-masks", str(demo["unlabeled"]), "--store", str(tmp_path / "t.zarr"),
+                                 "--image-list", str(listing), *TINY])
+    assert result.exit_code == 2 and "not_there.jpg" in result.output and "list.txt" in result.output
+    assert not (tmp_path / "t.zarr").exists()

@@ -20,12 +20,13 @@ from models.knet import KNetConfig, build_knet
 from models.losses import knet_losses
 from models.maskrcnn import MaskRCNNConfig, build_maskrcnn_adapter, maskrcnn_optimizer
 from pipeline.plots import line_chart
-from stages.coco_data import CocoInstances, load_instances
+from stages.coco_check import EVALUATION, TRAINING, checked_data, load_checked_coco, same_categories, write_skipped
+from stages.coco_data import CocoInstances
 from stages.evaluate import coco_evaluate, predictions_to_results
 from stages.inference import predict_images, unnormalise
 from stages.pseudo_label_data import collate_training
-from stages.training import (LoopConfig, Schedule, config_dict, init_distributed, link_checkpoint, seed_everything,
-                             train_loop)
+from stages.training import (LoopConfig, Schedule, config_dict, init_distributed, link_checkpoint,
+                             prepare_run_folder, read_checkpoint, seed_everything, train_loop)
 
 log = logging.getLogger(__name__)
 PRETRAIN_ONLY = ("prompt",)  # checkpoint entries that fine-tuning never loads
@@ -57,6 +58,8 @@ class FinetuneConfig(LoopConfig):
     max_per_image: int = 100
     eval_every: int = 1
     device: str = "cpu"
+    skip_bad: bool = False  # leave out (and list in skipped.json) the images and annotations the check names
+    decode_images: bool = False  # the up-front check decodes every image, not just headers and file ends
 
 
 def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
@@ -72,10 +75,24 @@ def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     return {"loaded": loaded, "reinitialised": reinitialised, "ignored": ignored}
 
 
+# Model settings that may differ between pre-training and fine-tuning; any other difference is another
+# architecture, whose tensors would silently keep their random initialisation.
+FREE_MODEL_SETTINGS = {"num_classes", "frozen_stages", "norm_eval", "mask_threshold_test", "max_per_image"}
+
+
 def load_pretrained(model: nn.Module, path: Path) -> dict[str, list[str]]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path, "--init")
     if state.get("kind") != "sp-pretrain":
         raise ValueError(f"--init {path} is not a `sp pretrain` checkpoint (kind {state.get('kind')!r})")
+    saved, built = state.get("model_config"), getattr(model, "cfg", None)
+    if isinstance(saved, dict) and dataclasses.is_dataclass(built):
+        built = dataclasses.asdict(built)
+        differ = sorted(k for k in saved.keys() | built.keys() if k not in FREE_MODEL_SETTINGS
+                        and saved.get(k) != built.get(k))
+        if differ:
+            raise ValueError(f"--init {path} is another architecture than this model ("
+                             + ", ".join(f"{k}: checkpoint={saved.get(k)!r} now={built.get(k)!r}" for k in differ)
+                             + "); fine-tune with the pre-training's model settings (e.g. --small, --backbone)")
     report = transfer_weights(model, state["model"])
     report["ignored"] += [f"{name}.*" for name in PRETRAIN_ONLY if name in state]
     log.info("--init %s: loaded %d tensors, re-initialised %d (%s), ignored %d (%s)", path, len(report["loaded"]),
@@ -132,11 +149,16 @@ def loss_function(model: nn.Module, kind: str, device: str):
     return knet_loss if kind == "knet" else maskrcnn_loss
 
 
-def evaluate_model(model: nn.Module, kind: str, ann: Path, images: Path, image_size: int, max_size: int,
-                   device: str, batch_size: int = 2, workers: int = 2) -> tuple[dict, list[dict]]:
-    """COCO segm and bbox AP of a model on a labeled set, and the COCO results list."""
-    data = load_instances(ann)
-    category_ids = sorted(c["id"] for c in data["categories"])
+def evaluate_model(model: nn.Module, kind: str, ann: Path | dict, images: Path, image_size: int, max_size: int,
+                   device: str, batch_size: int = 2, workers: int = 2,
+                   categories: list[dict] | None = None) -> tuple[dict, list[dict]]:
+    """COCO segm and bbox AP of a model on a labeled set (a COCO file, checked here, or a dataset dict already
+    checked with `EVALUATION`), and the COCO results list. categories: the model's (label l ↔ the l-th id in
+    sorted order); the set's must be the same. Default: the set's own."""
+    data = checked_data(ann, images, EVALUATION)
+    if categories is not None:
+        same_categories(categories, data["categories"], "the model's categories and the evaluation set's")
+    category_ids = sorted(c["id"] for c in (categories or data["categories"]))
     images_sorted = sorted(data["images"], key=lambda img: img["id"])
     names = [img["file_name"] for img in images_sorted]
     results = []
@@ -150,10 +172,17 @@ def evaluate_model(model: nn.Module, kind: str, ann: Path, images: Path, image_s
 def finetune(cfg: FinetuneConfig) -> Path:
     """Run (or resume) fine-tuning; returns the final checkpoint."""
     dist = init_distributed(cfg.device)
+    # Every input is checked before anything is written: labels and images, --init, then the run folder.
+    train = load_checked_coco(cfg.train_ann, cfg.train_images, TRAINING, cfg.skip_bad, cfg.decode_images)
+    val = load_checked_coco(cfg.val_ann, cfg.val_images, EVALUATION, cfg.skip_bad, cfg.decode_images)
+    same_categories(train.data["categories"], val.data["categories"], f"{cfg.train_ann} and {cfg.val_ann}")
     seed_everything(cfg.seed)
-    dataset = CocoInstances(cfg.train_ann, cfg.train_images, cfg.image_size, cfg.max_size, cfg.flip_prob,
+    dataset = CocoInstances(train.data, cfg.train_images, cfg.image_size, cfg.max_size, cfg.flip_prob,
                             cfg.rotate_deg, cfg.seed)
     model, model_config, optimizer = build(cfg, len(dataset.categories))
+    prepare_run_folder(cfg, "sp-finetune", config_dict(cfg), dist.main)
+    if dist.main:
+        write_skipped({"train": train.skipped, "val": val.skipped}, cfg.out / "skipped.json")
     model = model.to(dist.device)
     train_model = DistributedDataParallel(model) if dist.world_size > 1 else model
     previous = [json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines()] \
@@ -165,8 +194,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
     def on_epoch_end(epoch: int) -> dict:
         if not dist.main or (epoch % cfg.eval_every and epoch != cfg.epochs):
             return {}
-        metrics, _ = evaluate_model(model, cfg.model, cfg.val_ann, cfg.val_images, cfg.image_size, cfg.max_size,
-                                    dist.device, cfg.batch_size, cfg.workers)
+        metrics, _ = evaluate_model(model, cfg.model, val.data, cfg.val_images, cfg.image_size, cfg.max_size,
+                                    dist.device, cfg.batch_size, cfg.workers, dataset.categories)
         record = {f"{t}_{k}": v for t in ("segm", "bbox") for k, v in metrics[t].items()}
         log.info("epoch %d: mask AP %.1f, box AP %.1f", epoch, record["segm_AP"], record["bbox_AP"])
         if record["segm_AP"] > best["AP"]:

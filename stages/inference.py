@@ -14,6 +14,7 @@ from models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from models.knet import KNetConfig, build_knet
 from models.maskrcnn import MaskRCNNConfig, build_maskrcnn_adapter
 from stages.image_data import ImageFolder, batch_loader
+from stages.training import read_checkpoint
 
 
 def build_model(kind: str, config: dict) -> nn.Module:
@@ -27,7 +28,7 @@ def build_model(kind: str, config: dict) -> nn.Module:
 
 def load_checkpoint_model(path: Path, device: str) -> tuple[nn.Module, dict]:
     """The model of a `sp finetune` checkpoint, in eval mode, and the checkpoint dict (categories, args, ...)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path, "checkpoint")
     if state.get("kind") != "sp-finetune":
         raise ValueError(f"{path} is not a `sp finetune` checkpoint (kind {state.get('kind')!r}); "
                          "a pre-training checkpoint is used through `sp finetune --init`")
@@ -36,9 +37,12 @@ def load_checkpoint_model(path: Path, device: str) -> tuple[nn.Module, dict]:
         logging.getLogger("models.backbone").disabled = True
         try:
             model = build_model(state["model_kind"], state["model_config"])
+            model.load_state_dict(state["model"])
+        except (KeyError, TypeError, RuntimeError) as e:  # written by another version of sp, or edited
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{path}: its model cannot be rebuilt ({type(e).__name__}: {reason})") from None
         finally:
             logging.getLogger("models.backbone").disabled = False
-    model.load_state_dict(state["model"])
     return model.to(device).eval(), state
 
 

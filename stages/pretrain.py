@@ -22,7 +22,8 @@ from models.knet import KNetConfig, build_knet
 from models.losses import knet_losses
 from models.saliency_prompt import PromptConfig, SaliencyPrompt
 from stages.pseudo_label_data import PseudoLabelDataset, collate_training
-from stages.training import LoopConfig, config_dict, init_distributed, seed_everything, train_loop
+from stages.training import (LoopConfig, config_dict, init_distributed, prepare_run_folder, seed_everything,
+                             train_loop)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     params = [p for p in list(model.parameters()) + list(prompt.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_model = DistributedDataParallel(model) if dist.world_size > 1 else model
+    prepare_run_folder(cfg, "sp-pretrain", config_dict(cfg), dist.main)
 
     def check_resume(state):
         if state["store_settings_hash"] != dataset.settings_hash:

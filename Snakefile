@@ -48,16 +48,23 @@ for name, over in named("stores", config["gen_masks"]).items():
 
 PRETRAIN_OF = {}  # pre-training run name -> "<store hash>-<settings hash>"
 PRETRAIN_SETTINGS = {}
-for name, over in named("pretrain_runs", ["store", *PRETRAIN_KEYS]).items():
+PRETRAIN_MODEL = {}  # pre-training run name -> model (knet by default)
+for name, over in named("pretrain_runs", ["store", "model", *PRETRAIN_KEYS]).items():
     store = STORE_OF[over.pop("store", next(iter(STORE_OF)))]
     settings = {k: over.get(k, config[k]) for k in PRETRAIN_KEYS}
+    PRETRAIN_MODEL[name] = over.get("model", "knet")
+    if PRETRAIN_MODEL[name] != "knet":  # K-Net runs keep the hashes (and finished runs) they had before `model`
+        settings["model"] = PRETRAIN_MODEL[name]
     PRETRAIN_OF[name] = f"{store}-{settings_hash(settings)}"
-    PRETRAIN_SETTINGS[PRETRAIN_OF[name]] = dict(settings, store=store)
+    PRETRAIN_SETTINGS[PRETRAIN_OF[name]] = dict(settings, store=store, model=PRETRAIN_MODEL[name])
 
 RUNS = named("finetune_runs", ["model", "init"])
 for name, run in RUNS.items():
     if run.get("init") and run["init"] not in PRETRAIN_OF:
         raise ValueError(f"config finetune_runs: {name} starts from unknown pre-training run {run['init']}")
+    if run.get("init") and PRETRAIN_MODEL[run["init"]] != run.get("model"):
+        raise ValueError(f"config finetune_runs: {name} fine-tunes {run.get('model')} from {run['init']}, "
+                         f"a {PRETRAIN_MODEL[run['init']]} pre-training run")
 
 
 def truthy(value):  # `--config small_models=false` arrives as a string
@@ -83,7 +90,8 @@ def flags(**options):
     return " ".join(out)
 
 
-WEIGHTS = config["gen_masks"]["backbone_weights"]  # the same backbone weights for every stage and run
+# the same backbone and weights for the pseudo masks and every model of every run
+BACKBONE, WEIGHTS = config["gen_masks"]["backbone"], config["gen_masks"]["backbone_weights"]
 COMMON = dict(workers=0, device=config["device"])
 SKIP_BAD = truthy(config["skip_bad"])  # leave out bad labeled images/annotations (listed per run) instead of stopping
 # Every labeled file is checked (with its images) before anything runs: what fine-tuning, evaluation and
@@ -106,10 +114,12 @@ def pretrain_cmd(w):
     p = PRETRAIN_SETTINGS[w.key]
     return (f"pretrain --store {RES}/stores/{p['store']}.zarr --images {config['unlabeled_images']} "
             f"--out {RES}/pretrain/{w.key}/seed{w.seed} --resume "
-            + flags(small=truthy(p["small_models"]), epochs=p["pretrain_epochs"], batch_size=p["pretrain_batch_size"],
+            + flags(model=p["model"], small=truthy(p["small_models"]), epochs=p["pretrain_epochs"],
+                    batch_size=p["pretrain_batch_size"],
                     lr_steps=p["pretrain_lr_steps"], warmup_steps=p["pretrain_warmup_steps"],
                     image_size=p["pretrain_image_size"], max_size=p["pretrain_max_size"], prompt=p["prompt"],
-                    kernel_loss_weight=p["kernel_loss_weight"], seed=w.seed, backbone_weights=WEIGHTS, **COMMON))
+                    kernel_loss_weight=p["kernel_loss_weight"], seed=w.seed, backbone=BACKBONE,
+                    backbone_weights=WEIGHTS, **COMMON))
 
 
 def finetune_cmd(w, input):
@@ -117,7 +127,8 @@ def finetune_cmd(w, input):
             f"--val-ann {config['val_ann']} --val-images {config['val_images']} "
             f"--out {RES}/finetune/{w.run}/seed{w.seed} --resume --overwrite "
             + flags(model=RUNS[w.run]["model"], small=truthy(config["small_models"]), init=input.init or "",
-                    backbone_weights=WEIGHTS, epochs=config["finetune_epochs"], batch_size=config["finetune_batch_size"],
+                    backbone=BACKBONE, backbone_weights=WEIGHTS, epochs=config["finetune_epochs"],
+                    batch_size=config["finetune_batch_size"],
                     lr_steps=config["finetune_lr_steps"], warmup_steps=config["finetune_warmup_steps"],
                     image_size=config["finetune_image_size"], max_size=config["finetune_max_size"], seed=w.seed,
                     skip_bad=SKIP_BAD, **COMMON))
@@ -175,7 +186,7 @@ rule evaluate:
 
 
 rule demo_data:
-    output: expand(f"{DEMO}/annotations/{{name}}.json", name=["train", "val", "unlabeled_gt"])
+    output: expand(f"{DEMO}/annotations/{{name}}.json", name=["train", "val"])
     params: sizes=flags(**{k: v for k, v in config["demo_data"].items() if k != "dir"})
     shell: "sp demo-data {DEMO} {params.sizes}"
 

@@ -10,7 +10,7 @@ stride 8, (H/8, W/8), and returned upsampled x2 to stride 4, (H/4, W/4), where t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from models.backbone import build_backbone
 from models.fpn import FPN, ConvGNReLU, SemanticFusion
+from models.losses import knet_losses
+from models.query_model import PromptFn
 from models.saliency import mask_boxes
-
-PromptFn = Callable[[Tensor, Mapping[str, Tensor]], Tensor]
 
 
 @dataclass
@@ -147,7 +147,8 @@ class KernelUpdateHead(nn.Module):
 
 
 class KNet(nn.Module):
-    """Backbone + FPN + fusion + RPN stage + ``num_stages`` unshared update stages."""
+    """Backbone + FPN + fusion + RPN stage + ``num_stages`` unshared update stages, following the
+    query-model contract of ``models.query_model`` (its queries are the kernels)."""
 
     def __init__(self, cfg: KNetConfig, backbone: nn.Module) -> None:
         super().__init__()
@@ -170,19 +171,23 @@ class KNet(nn.Module):
 
         Returns:
             stages: 1 + num_stages dicts (RPN stage first) with 'masks' (B, N, H/4, W/4) logits,
-                'logits' (B, N, K) (None for the RPN stage) and 'kernels' (B, N, C) output kernels.
+                'logits' (B, N, K) and 'queries' (B, N, C), the stage's output kernels (both None for the
+                RPN stage: it has no classes, and kernel supervision runs on the update stages only).
             feats: {'p2'..'p5'} FPN maps, (B, C, H/s, W/s) for s = 4..32.
         """
         pyramid = self.fpn(self.backbone(images))
         masks, kernels, x = self.rpn(*self.fusion(pyramid))
-        stages: list[dict[str, Tensor | None]] = [
-            dict(masks=_upsample2(masks), logits=None, kernels=kernels)]
+        stages: list[dict[str, Tensor | None]] = [dict(masks=_upsample2(masks), logits=None, queries=None)]
         if prompt_fn is not None:
             kernels = prompt_fn(kernels, pyramid)
         for head in self.stages:
             kernels, logits, masks = head(x, kernels, masks)
-            stages.append(dict(masks=_upsample2(masks), logits=logits, kernels=kernels))
+            stages.append(dict(masks=_upsample2(masks), logits=logits, queries=kernels))
         return stages, pyramid
+
+    def losses(self, stages: list[dict], targets: list[dict]) -> tuple[dict[str, Tensor], list]:
+        """``models.losses.knet_losses`` (focal / Dice / BCE per stage, K-Net's matching)."""
+        return knet_losses(stages, targets)
 
     @torch.no_grad()
     def predict(self, images: Tensor, image_sizes: Sequence[tuple[int, int]],

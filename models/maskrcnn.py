@@ -1,9 +1,10 @@
-"""torchvision's Mask R-CNN as the CNN baseline (paper §4.1), on the same ResNet weights as our K-Net.
+"""torchvision's Mask R-CNN as the CNN baseline (paper §4.1), on the same backbone and weights as our K-Net.
 
-The backbone is a torchvision ResNet-FPN with FrozenBatchNorm2d (as torchvision builds it), filled from a
-local checkpoint through ``models.backbone`` so every layout K-Net accepts (torchvision, MoCo, mmselfsup,
-detectron2) works here too. ``MaskRCNNAdapter`` gives it K-Net's fine-tuning interface: contiguous labels
-0..C-1 and ``predict`` dicts like ``KNet.predict``.
+The backbone is ours (``models.backbone.build_backbone``: every backbone and weights layout K-Net accepts)
+under torchvision's FPN with a max-pooled extra level, as torchvision builds its ResNet-FPN. Unlike
+torchvision's FrozenBatchNorm2d, batch norms keep trainable affine parameters with fixed statistics
+(``norm_eval``), as in K-Net's fine-tuning. ``MaskRCNNAdapter`` gives it K-Net's fine-tuning interface:
+contiguous labels 0..C-1 and ``predict`` dicts like ``KNet.predict``.
 
 Input convention differs from K-Net: images are 0-1 RGB tensors (3, H, W) of any size, NOT normalised;
 torchvision's GeneralizedRCNNTransform normalises them (ImageNet mean/std) and resizes them so the short
@@ -11,6 +12,7 @@ side is ``min_size`` (long side at most ``max_size``), and maps outputs back to 
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -19,12 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import resnet
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from models.backbone import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from models.backbone import IMAGENET_MEAN, IMAGENET_STD, LEVELS, FeatureBackbone, build_backbone
 from models.saliency import mask_boxes
 
 
@@ -34,7 +34,7 @@ class MaskRCNNConfig:
 
     backbone: str = "resnet50"
     num_classes: int = 80  # foreground classes; torchvision's background class is added internally
-    trainable_layers: int = 3  # layer2..layer4 train, stem + layer1 frozen (torchvision's default)
+    frozen_stages: int = 1  # stem + C2 frozen, C3..C5 train (torchvision's default trainable_layers=3)
     min_size: int = 800
     max_size: int = 1333
     rpn_pre_nms_top_n_train: int = 2000
@@ -47,28 +47,35 @@ class MaskRCNNConfig:
 
     @classmethod
     def small(cls, **overrides) -> MaskRCNNConfig:
-        """A CPU-sized model for tests: ResNet-18, images of 128-192 px, few proposals and RoIs (the mask
-        head's 14x14 convs on up to 25% positive RoIs dominate a CPU step, hence 32 RoIs per image)."""
+        """A CPU-sized model for tests: ResNet-18 (unless overridden), images of 128-192 px, few proposals and
+        RoIs (the mask head's 14x14 convs on up to 25% positive RoIs dominate a CPU step, hence 32 RoIs)."""
         base = cls(backbone="resnet18", min_size=128, max_size=192, rpn_pre_nms_top_n_train=200,
                    rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
                    box_batch_size_per_image=32, box_detections_per_img=50)
         return replace(base, **overrides)
 
 
-def build_maskrcnn(cfg: MaskRCNNConfig, backbone_weights: Path | None = None) -> MaskRCNN:
-    """torchvision Mask R-CNN whose ResNet body holds our backbone weights (``None``: random, loud warning).
+class BackboneFPN(nn.Module):
+    """Our feature backbone + torchvision's FPN: ``forward`` gives the OrderedDict of P2..P6 that
+    torchvision's detection heads expect ('0'..'3' at strides 4..32, 'pool' at 64)."""
 
-    Weights go through ``build_backbone`` (layout detection, strict checks), then its state dict, whose keys
-    are torchvision ResNet names, is copied strictly into the FPN body. FrozenBatchNorm2d keeps BN
-    weight/bias/running_mean/running_var as buffers and drops ``num_batches_tracked`` on load, so the
-    loaded statistics are what the frozen BN uses.
-    """
-    features = build_backbone(cfg.backbone, backbone_weights)
-    body_net = getattr(resnet, cfg.backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
-    backbone = _resnet_fpn_extractor(body_net, cfg.trainable_layers)
-    backbone.body.load_state_dict(features.state_dict(), strict=True)
+    def __init__(self, body: FeatureBackbone, out_channels: int = 256) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork([body.channels[lvl] for lvl in LEVELS], out_channels,
+                                         extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        feats = self.body(x)
+        return self.fpn(OrderedDict((str(i), feats[lvl]) for i, lvl in enumerate(LEVELS)))
+
+
+def build_maskrcnn(cfg: MaskRCNNConfig, backbone_weights: Path | None = None) -> MaskRCNN:
+    """torchvision Mask R-CNN on our backbone (``None`` weights: random, with a loud warning)."""
+    body = build_backbone(cfg.backbone, backbone_weights, frozen_stages=cfg.frozen_stages, norm_eval=True)
     return MaskRCNN(
-        backbone, num_classes=cfg.num_classes + 1, min_size=cfg.min_size, max_size=cfg.max_size,
+        BackboneFPN(body), num_classes=cfg.num_classes + 1, min_size=cfg.min_size, max_size=cfg.max_size,
         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
         rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,

@@ -1,7 +1,9 @@
 """Saliency Prompt (paper §3.3-3.4): prompts from pseudo-mask boxes, prompt-kernel matching, and kernel
-supervision. Used only in pre-training; fine-tuning and inference never see it.
+supervision. Used only in pre-training; fine-tuning and inference never see it. The same code serves every
+query-based model (``models.query_model``): "kernels" here are the models' initial query features (K-Net's
+kernels, Mask2Former's content queries, QueryInst's proposal features).
 
-Shapes: B images, N kernels, C channels, L_b pseudo masks (prompts) of image b (L_b may be 0), D the
+Shapes: B images, N kernels (queries), C channels, L_b pseudo masks (prompts) of image b (L_b may be 0), D the
 stored seed-feature size.
 """
 from __future__ import annotations
@@ -94,7 +96,8 @@ class SaliencyPrompt(nn.Module):
         self.seed_proj = nn.Linear(seed_dim, channels)
 
     def prompt_fn(self, boxes: list[torch.Tensor], generator: torch.Generator | None = None):
-        """A function (kernels (B, N, C), feats) → prompted kernels, for `KNet.forward(prompt_fn=...)`.
+        """A function (queries (B, N, C), feats) → prompted queries, for any query model's
+        `forward(images, prompt_fn=...)`; feats['p5'] is the stride-32 map the prompts are pooled from.
         It records the assignment in `self.last_assignment` (B, N) for inspection and tests."""
 
         def inject(kernels: torch.Tensor, feats: dict) -> torch.Tensor:
@@ -112,10 +115,11 @@ class SaliencyPrompt(nn.Module):
                     seed_features: list[torch.Tensor]) -> torch.Tensor:
         """Eq. 9: Σ_stages mean over matched pairs of 1 − cos(Linear(S_l), K_{n_l}).
 
-        stage_kernels: per update stage (B, N, C); assignments: per stage, per image (pred_idx, gt_idx) from
-        the Hungarian matcher — kernel pred_idx[i] is paired with pseudo mask gt_idx[i] (pairing by the
-        matcher's own pairs, not by sorted kernel index, fixes the reference's bug P5); seed_features: per
-        image (L_b, D). Returns a scalar (0 when no image has a pseudo mask)."""
+        stage_kernels: per supervised stage (those whose 'queries' are not None) the (B, N, C) query
+        features; assignments: per stage, per image (pred_idx, gt_idx) from the Hungarian matcher — query
+        pred_idx[i] is paired with pseudo mask gt_idx[i] (pairing by the matcher's own pairs, not by sorted
+        kernel index, fixes the reference's bug P5); seed_features: per image (L_b, D). Returns a scalar (0
+        when no image has a pseudo mask)."""
         total = stage_kernels[0].new_zeros(())
         for kernels, pairs in zip(stage_kernels, assignments):
             pred = [kernels[b, p] for b, (p, _) in enumerate(pairs)]

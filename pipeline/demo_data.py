@@ -236,8 +236,9 @@ def _write_split(out_dir: Path, split: str, count: int, seed: int, image_size) -
     return {"images": images, "annotations": annotations, "categories": CATEGORIES}
 
 
-def _check_out_dir(out_dir: Path, settings_line: str) -> None:
-    """Refuse to write into a directory we did not create, or created with other settings."""
+def check_out_dir(out_dir: Path, marker: str, settings_line: str) -> None:
+    """Refuse to write into a directory we did not create (its README.txt starts with ``marker``), or created
+    with other settings."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a directory")
     # Empty folders count as empty: workflow managers create output folders before the job runs.
@@ -245,9 +246,9 @@ def _check_out_dir(out_dir: Path, settings_line: str) -> None:
         return
     readme = out_dir / "README.txt"
     lines = readme.read_text().splitlines() if readme.is_file() else []
-    if not lines or lines[0] != README_MARKER:
+    if not lines or lines[0] != marker:
         raise ValueError(
-            f"{out_dir} is not empty and was not produced by make_demo_data "
+            f"{out_dir} is not empty and was not produced by `sp demo-data` with these options "
             "(no README.txt marker); refusing to write demo data into it. Use an empty or new directory."
         )
     if settings_line not in lines:
@@ -283,7 +284,7 @@ def make_demo_data(
     settings = {"seed": int(seed), "image_size": [int(s) for s in image_size],
                 **{f"num_{k}": int(v) for k, v in counts.items()}}
     settings_line = "settings: " + json.dumps(settings, sort_keys=True)
-    _check_out_dir(out_dir, settings_line)
+    check_out_dir(out_dir, README_MARKER, settings_line)
 
     # README first: if generation is interrupted, a rerun recognises the directory as ours.
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
-"""Stage 2b, `sp finetune`: K-Net (optionally from a `sp pretrain` checkpoint) or the torchvision Mask R-CNN
-baseline on a small labeled COCO set, evaluated every `eval_every` epochs (paper §4.1, Figures 3-4).
+"""Stage 2b, `sp finetune`: a query-based model (K-Net, Mask2Former; optionally from a `sp pretrain` checkpoint
+of the same model) or the torchvision Mask R-CNN baseline on a small labeled COCO set, evaluated every
+`eval_every` epochs (paper §4.1, Figures 3-4).
 
 Writes into the run folder: last.pth / final.pth (epoch_NNN.pth with keep_every), best.pth (highest mask AP on --val-ann:
 report on another split, or report last.pth), metrics.jsonl with the AP curve, and curve.png.
@@ -16,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from models.knet import KNetConfig, build_knet
-from models.losses import knet_losses
+from models.backbone_weights import weights_record
+from models.build import build_query_model, query_model_config
 from models.maskrcnn import MaskRCNNConfig, build_maskrcnn_adapter, maskrcnn_optimizer
 from pipeline.plots import line_chart
 from stages.coco_check import EVALUATION, TRAINING, checked_data, load_checked_coco, same_categories, write_skipped
@@ -25,7 +26,7 @@ from stages.coco_data import CocoInstances
 from stages.evaluate import coco_evaluate, predictions_to_results
 from stages.inference import predict_images, unnormalise
 from stages.pseudo_label_data import collate_training
-from stages.training import (LoopConfig, Schedule, config_dict, init_distributed, link_checkpoint,
+from stages.training import (LoopConfig, Schedule, config_dict, forward_losses, init_distributed, link_checkpoint,
                              prepare_run_folder, read_checkpoint, seed_everything, train_loop)
 
 log = logging.getLogger(__name__)
@@ -39,22 +40,22 @@ class FinetuneConfig(LoopConfig):
     train_images: Path
     val_ann: Path
     val_images: Path
-    model: str = "knet"  # or "maskrcnn"
-    small: bool = False  # CPU-sized models (ResNet-18) for smoke runs and the demo
-    backbone: str = "resnet50"
-    init: Path | None = None  # a `sp pretrain` checkpoint (K-Net only)
+    model: str = "knet"  # a query model of models.build.QUERY_MODELS (knet, mask2former, ...) or "maskrcnn"
+    small: bool = False  # CPU-sized heads for smoke runs and the demo (the backbone is `backbone`)
+    backbone: str = "efficientnet_lite0"
+    init: Path | None = None  # a `sp pretrain` checkpoint of the same model (query models only)
     backbone_weights: Path | None = None
     epochs: int = 48
-    lr: float | None = None  # default: 1e-4 (K-Net, AdamW) or 0.02 (Mask R-CNN, SGD)
-    weight_decay: float | None = None  # default: 0.05 (K-Net) or 1e-4 (Mask R-CNN)
-    backbone_lr_mult: float = 0.25  # K-Net
+    lr: float | None = None  # default: 1e-4 (query models, AdamW) or 0.02 (Mask R-CNN, SGD)
+    weight_decay: float | None = None  # default: 0.05 (query models) or 1e-4 (Mask R-CNN)
+    backbone_lr_mult: float = 0.25  # query models
     clip_norm: float = 4.0
     schedule: Schedule = field(default_factory=lambda: Schedule(warmup_steps=100, lr_steps=(36, 44)))
     flip_prob: float = 0.5
     rotate_deg: float = 0.0  # §4.1 uses 9 (applied to half of the images)
     image_size: int = 800
     max_size: int = 1333
-    mask_threshold: float = 0.5  # K-Net test-time; the authors use 0.3 on COCO
+    mask_threshold: float = 0.5  # query models' test-time mask threshold; the authors use 0.3 for K-Net on COCO
     max_per_image: int = 100
     eval_every: int = 1
     device: str = "cpu"
@@ -75,15 +76,20 @@ def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     return {"loaded": loaded, "reinitialised": reinitialised, "ignored": ignored}
 
 
-# Model settings that may differ between pre-training and fine-tuning; any other difference is another
-# architecture, whose tensors would silently keep their random initialisation.
-FREE_MODEL_SETTINGS = {"num_classes", "frozen_stages", "norm_eval", "mask_threshold_test", "max_per_image"}
+# Model settings that may differ between pre-training and fine-tuning (classes, freezing, test-time and loss
+# settings); any other difference is another architecture, whose tensors would silently stay random.
+FREE_MODEL_SETTINGS = {"num_classes", "frozen_stages", "norm_eval", "mask_threshold_test", "max_per_image",
+                       "num_points", "oversample_ratio", "importance_sample_ratio"}
 
 
-def load_pretrained(model: nn.Module, path: Path) -> dict[str, list[str]]:
+def load_pretrained(model: nn.Module, path: Path, kind: str) -> dict[str, list[str]]:
+    """Initialise `model` (of model kind `kind`) from a `sp pretrain` checkpoint of the same kind of model."""
     state = read_checkpoint(path, "--init")
     if state.get("kind") != "sp-pretrain":
         raise ValueError(f"--init {path} is not a `sp pretrain` checkpoint (kind {state.get('kind')!r})")
+    trained = state.get("model_kind", "knet")  # checkpoints from before other models existed are K-Net's
+    if trained != kind:
+        raise ValueError(f"--init {path} pre-trained a {trained} model; it cannot initialise --model {kind}")
     saved, built = state.get("model_config"), getattr(model, "cfg", None)
     if isinstance(saved, dict) and dataclasses.is_dataclass(built):
         built = dataclasses.asdict(built)
@@ -103,42 +109,33 @@ def load_pretrained(model: nn.Module, path: Path) -> dict[str, list[str]]:
 
 def build(cfg: FinetuneConfig, num_classes: int):
     """(model, model_config dict, optimizer) for cfg.model."""
-    if cfg.model == "knet":
-        mc = (KNetConfig.small if cfg.small else KNetConfig)(num_classes=num_classes, frozen_stages=1,
-                                                           mask_threshold_test=cfg.mask_threshold,
-                                                           max_per_image=cfg.max_per_image)
-        if not cfg.small:
-            mc.backbone = cfg.backbone
-        model = build_knet(mc, cfg.backbone_weights)
-        if cfg.init is not None:
-            load_pretrained(model, cfg.init)
-        lr = cfg.lr or 1e-4
-        backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-        rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
-        optimizer = torch.optim.AdamW([{"params": rest, "lr": lr},
-                                       {"params": backbone, "lr": lr * cfg.backbone_lr_mult}],
-                                      weight_decay=0.05 if cfg.weight_decay is None else cfg.weight_decay)
-        return model, mc, optimizer
     if cfg.model == "maskrcnn":
         if cfg.init is not None:
-            raise ValueError("--init loads a K-Net pre-training checkpoint; use --backbone-weights for Mask R-CNN")
-        mc = (MaskRCNNConfig.small if cfg.small else MaskRCNNConfig)(num_classes=num_classes)
-        if not cfg.small:
-            mc.backbone, mc.min_size, mc.max_size = cfg.backbone, cfg.image_size, cfg.max_size
+            raise ValueError("--init loads a query model's pre-training checkpoint; "
+                             "use --backbone-weights for Mask R-CNN")
+        mc = (MaskRCNNConfig.small if cfg.small else MaskRCNNConfig)(
+            backbone=cfg.backbone, num_classes=num_classes, min_size=cfg.image_size, max_size=cfg.max_size)
         model = build_maskrcnn_adapter(mc, cfg.backbone_weights)
         optimizer = maskrcnn_optimizer(model, lr=cfg.lr or 0.02,
                                        weight_decay=1e-4 if cfg.weight_decay is None else cfg.weight_decay)
         return model, mc, optimizer
-    raise ValueError(f"--model {cfg.model!r}: expected knet or maskrcnn")
+    mc = query_model_config(cfg.model, small=cfg.small, backbone=cfg.backbone, num_classes=num_classes,
+                            frozen_stages=1, mask_threshold_test=cfg.mask_threshold, max_per_image=cfg.max_per_image)
+    model = build_query_model(mc, cfg.backbone_weights)
+    if cfg.init is not None:
+        load_pretrained(model, cfg.init, cfg.model)
+    lr = cfg.lr or 1e-4
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+    optimizer = torch.optim.AdamW([{"params": rest, "lr": lr}, {"params": backbone, "lr": lr * cfg.backbone_lr_mult}],
+                                  weight_decay=0.05 if cfg.weight_decay is None else cfg.weight_decay)
+    return model, mc, optimizer
 
 
 def loss_function(model: nn.Module, kind: str, device: str):
-    def knet_loss(batch, step):
+    def query_model_loss(batch, step):
         targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-            stages, _ = model(batch["images"].to(device))
-        stages = [{k: (v.float() if v is not None else None) for k, v in s.items()} for s in stages]
-        return knet_losses(stages, targets)[0]
+        return forward_losses(model, batch["images"].to(device), targets, device)[1]
 
     def maskrcnn_loss(batch, step):
         images = unnormalise(batch["images"].to(device), batch["image_hw"])
@@ -146,7 +143,7 @@ def loss_function(model: nn.Module, kind: str, device: str):
                    for t, (h, w) in zip(batch["targets"], batch["image_hw"])]
         return model.loss(images, targets)
 
-    return knet_loss if kind == "knet" else maskrcnn_loss
+    return maskrcnn_loss if kind == "maskrcnn" else query_model_loss
 
 
 def evaluate_model(model: nn.Module, kind: str, ann: Path | dict, images: Path, image_size: int, max_size: int,
@@ -189,7 +186,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         if cfg.resume and (cfg.out / "metrics.jsonl").exists() else []
     best = {"AP": max((r["segm_AP"] for r in previous if "segm_AP" in r), default=float("-inf"))}
     extra = {"args": config_dict(cfg), "model_kind": cfg.model, "model_config": dataclasses.asdict(model_config),
-             "categories": dataset.categories, "kind": "sp-finetune"}
+             "categories": dataset.categories, "kind": "sp-finetune", **weights_record(cfg.backbone_weights)}
 
     def on_epoch_end(epoch: int) -> dict:
         if not dist.main or (epoch % cfg.eval_every and epoch != cfg.epochs):

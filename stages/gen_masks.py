@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.backbone import build_backbone, file_sha256
+from models.backbone import build_backbone
+from models.backbone_weights import file_sha256
 from models.saliency import SaliencyConfig, image_masks, mask_boxes, select_candidates
 from stages.image_data import Batch, ImageFolder, batch_loader, list_images
 from store import rle
@@ -228,7 +229,8 @@ def generate(images_dir: Path, store_path: Path, settings: GenerationSettings, o
         backbone = build_backbone(settings.backbone, backbone_weights, out_levels=("c5",))
     backbone = backbone.to(options.device).eval()
     attrs = {"images_root": str(images_dir.resolve()), "shard": list(options.shard or (0, 1)),
-             "image_range": [span.start, span.stop], "batch_size": options.batch_size, **(extra_attrs or {})}
+             "image_range": [span.start, span.stop], "batch_size": options.batch_size,
+             "backbone_weights": None if backbone_weights is None else str(backbone_weights), **(extra_attrs or {})}
     store = PseudoLabelStore.open_for_append(store_path, names, settings.to_dict(),
                                              backbone.channels["c5"], attrs)
     if store.complete:

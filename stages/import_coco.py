@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from models.backbone import file_sha256
+from models.backbone_weights import file_sha256
 from models.saliency import mask_boxes
 from stages.coco_check import PSEUDO_LABELS, load_checked_coco
 from stages.gen_masks import GenerationSettings, RunOptions, generate, pooled_features

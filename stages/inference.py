@@ -1,5 +1,6 @@
 """Models from checkpoints, and predictions over an image folder, for `sp evaluate`, `sp predict` and the
-evaluation inside fine-tuning. K-Net and the Mask R-CNN baseline return the same per-image dict:
+evaluation inside fine-tuning. The query models (``models.build``) and the Mask R-CNN baseline return the same
+per-image dict:
 scores (K,), labels (K,) contiguous, masks (K, H, W) bool at original size, boxes (K, 4) xyxy."""
 from __future__ import annotations
 
@@ -11,19 +12,18 @@ import torch
 from torch import nn
 
 from models.backbone import IMAGENET_MEAN, IMAGENET_STD
-from models.knet import KNetConfig, build_knet
+from models.build import build_query_model, query_model_spec
 from models.maskrcnn import MaskRCNNConfig, build_maskrcnn_adapter
 from stages.image_data import ImageFolder, batch_loader
 from stages.training import read_checkpoint
 
 
 def build_model(kind: str, config: dict) -> nn.Module:
-    """kind 'knet' or 'maskrcnn'; config: the dataclass fields saved in a checkpoint's 'model_config'."""
-    if kind == "knet":
-        return build_knet(KNetConfig(**config))
+    """kind 'maskrcnn' or a query model's name; config: the dataclass fields saved in a checkpoint's
+    'model_config'."""
     if kind == "maskrcnn":
         return build_maskrcnn_adapter(MaskRCNNConfig(**config))
-    raise ValueError(f"unknown model kind {kind!r}: expected knet or maskrcnn")
+    return build_query_model(query_model_spec(kind).config(**config))
 
 
 def load_checkpoint_model(path: Path, device: str) -> tuple[nn.Module, dict]:
@@ -63,9 +63,9 @@ def predict_images(model: nn.Module, kind: str, images_dir: Path, file_names: li
         if not batch.index:
             continue
         images = batch.images.to(device)
-        if kind == "knet":
-            predictions = model.predict(images, batch.resized_hw, batch.image_hw)
-        else:
+        if kind == "maskrcnn":
             predictions = model.predict(unnormalise(images, batch.resized_hw), batch.image_hw)
+        else:
+            predictions = model.predict(images, batch.resized_hw, batch.image_hw)
         for index, prediction in zip(batch.index, predictions):
             yield index, {k: v.cpu() for k, v in prediction.items()}

@@ -34,6 +34,7 @@ class PseudoLabelDataset(Dataset):
         self.image_size, self.max_size, self.flip_prob, self.seed = image_size, max_size, flip_prob, seed
         self.settings_hash = store.attrs["settings_hash"]
         self.feature_dim = int(store.attrs["feature_dim"])
+        self.backbone = store.attrs["settings"].get("backbone")
         self.images = np.nonzero(store.image_array("status") == DONE)[0]
         self.names = np.array([n.encode() for n in store.file_names], dtype=np.bytes_)
         self.heights = store.image_array("height").copy()

@@ -1,7 +1,8 @@
-"""What pre-training and fine-tuning share: the learning-rate schedule, distributed set-up, checkpoints,
-metrics logs and the finite-loss check."""
+"""What pre-training and fine-tuning share: a query model's forward and losses, the learning-rate schedule,
+distributed set-up, checkpoints, metrics logs and the finite-loss check."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
@@ -42,6 +44,31 @@ class Schedule:
 def config_dict(cfg) -> dict:
     """A run's dataclass config as plain values (paths as strings), for the checkpoint's 'args'."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def forward_losses(model, images: torch.Tensor, targets: list[dict], device: str, prompt_fn=None):
+    """A query model's forward (bf16 autocast on CUDA) and its losses, in float32: (stages, losses,
+    assignments). `model` may be wrapped in DistributedDataParallel (the forward must go through it)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        stages, _ = model(images, prompt_fn=prompt_fn)
+    stages = [{k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for s in stages]
+    core = model.module if isinstance(model, DistributedDataParallel) else model
+    losses, assignments = core.losses(stages, targets)
+    return stages, losses, assignments
+
+
+@contextlib.contextmanager
+def step_rng(seed: int, step: int, rank: int, device: str):
+    """Inside, the global RNGs (CPU and the training GPU) start from a state fixed by (seed, step, rank), and
+    they are restored on exit: randomness inside a model's forward and losses (Mask2Former's point
+    sampling) is then the same in a resumed run as in an uninterrupted one."""
+    devices = []
+    if device.startswith("cuda"):
+        index = torch.device(device).index
+        devices = [torch.cuda.current_device() if index is None else index]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+        yield
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -318,7 +345,8 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
         tick = time.perf_counter()
         for batch_in_epoch, batch in enumerate(loader, start=start_batch):
             set_lr(optimizer, loop.schedule.factor(step, epoch))
-            losses = loss_fn(batch, step)
+            with step_rng(loop.seed, step, dist.rank, dist.device):
+                losses = loss_fn(batch, step)
             check_finite(losses, step)
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)

@@ -47,7 +47,7 @@ def merge_stores(parts: list[Path], out: Path, remove_parts: bool = False) -> Ps
         if a and b and a[1] != b[0]:
             raise StoreError(f"part stores do not cover adjacent image ranges: {ranges}")
     names = [n for s in opened for n in s.file_names]
-    keep = {k: v for k, v in first.attrs.items() if k in ("images_root", "batch_size", "backbone_file")}
+    keep = {k: v for k, v in first.attrs.items() if k in ("images_root", "batch_size", "backbone_weights")}
     attrs = {**keep, "shard": [0, 1], "image_range": [ranges[0][0], ranges[-1][1]] if ranges[0] else None,
              "merged_from": [str(p) for p in parts]}
     merged = PseudoLabelStore.create(out, names, first.attrs["settings"], first.attrs["feature_dim"], attrs)

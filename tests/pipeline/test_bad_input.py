@@ -20,7 +20,7 @@ from store.pseudo_label_store import ImageResult, PseudoLabelStore
 runner = CliRunner()
 SMALL = ["--image-size", "64", "--max-size", "96", "--workers", "0", "--device", "cpu"]
 TRAIN = ["--small", "--epochs", "1", "--batch-size", "2", "--warmup-steps", "1", *SMALL]
-BACKBONE = ["--backbone", "resnet18", "--batch-size", "2", *SMALL]
+BACKBONE = ["--backbone", "resnet18", "--backbone-weights", "none", "--batch-size", "2", *SMALL]
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 
 runner = CliRunner()
-TINY = ["--backbone", "resnet18", "--image-size", "128", "--max-size", "192", "--workers", "0", "--device", "cpu"]
+TINY = ["--backbone", "resnet18", "--backbone-weights", "none", "--image-size", "128", "--max-size", "192", "--workers", "0", "--device", "cpu"]
 
 
 def test_gen_masks_on_an_empty_folder_names_it(tmp_path):
@@ -44,3 +44,14 @@ def test_wrong_schema_version_is_a_clear_error(demo, tmp_path):
     (tmp_path / "s.zarr" / "zarr.json").write_text(json.dumps(meta))
     result = runner.invoke(app, ["store", "info", str(tmp_path / "s.zarr")])
     assert result.exit_code == 2 and "schema version 99" in result.output
+
+
+def test_backbone_weights_errors_name_the_fix(demo, tmp_path):
+    args = ["gen-masks", str(demo["unlabeled"]), "--store", str(tmp_path / "s.zarr"), "--workers", "0"]
+    result = runner.invoke(app, [*args, "--backbone", "resnet50", "--backbone-weights", "imagenet"])
+    assert result.exit_code == 2 and "no ImageNet weights install with a package for resnet50" in result.output
+    result = runner.invoke(app, [*args, "--backbone", "resnet50", "--backbone-weights", str(tmp_path / "no.pth")])
+    assert result.exit_code == 2 and "no.pth" in result.output
+    result = runner.invoke(app, [*args, "--backbone", "vgg16", "--backbone-weights", "none"])
+    assert result.exit_code == 2 and "unknown backbone 'vgg16'" in result.output
+    assert not (tmp_path / "s.zarr").exists()

@@ -168,13 +168,13 @@ def test_refuses_foreign_non_empty_directory(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="not produced by make_demo_data"):
+    with pytest.raises(ValueError, match="not produced by `sp demo-data`"):
         make_demo_data(foreign, num_unlabeled=1, num_train=1, num_val=1)
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]  # nothing written
 
     # A README that is not ours does not count as the marker either.
     (foreign / "README.txt").write_text("my project\n")
-    with pytest.raises(ValueError, match="not produced by make_demo_data"):
+    with pytest.raises(ValueError, match="not produced by `sp demo-data`"):
         make_demo_data(foreign, num_unlabeled=1, num_train=1, num_val=1)
 
 

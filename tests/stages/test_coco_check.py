@@ -259,14 +259,10 @@ def test_same_categories_names_the_difference():
         same_categories([{"id": 1}, {"id": 2}], [{"id": 2}, {"id": 5}], "a and b")
 
 
-def test_real_coco_passes_for_training_and_evaluation():
-    from conftest import SHARED_DATASETS
-
-    root = SHARED_DATASETS / "coco_subset"
-    if not (root / "val" / "annotations.json").exists():
-        pytest.skip(f"no real COCO data in {root}")
+def test_real_coco_passes_for_training_and_evaluation(coco_subset):
     for part in ("train", "val"):
-        checked = load_checked_coco(root / part / "annotations.json", root / part / "images", EVALUATION)
+        checked = load_checked_coco(coco_subset / part / "annotations.json", coco_subset / part / "images",
+                                    EVALUATION)
         assert checked.skipped is None and len(checked.data["images"]) > 100
 
 

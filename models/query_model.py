@@ -1,0 +1,46 @@
+"""The interface every query-based model (K-Net, Mask2Former, QueryInst) implements, so that Saliency Prompt
+pre-training, fine-tuning, evaluation and prediction never fork per model (``models.build`` is the one place
+that names the models).
+
+A model's config is a dataclass with at least backbone, num_classes, channels (C), its number of queries,
+frozen_stages, norm_eval, mask_threshold_test and max_per_image, and a ``small(**overrides)`` classmethod
+giving a CPU-sized model (never forcing a backbone). Each model module has ``build_<model>(cfg,
+backbone_weights)``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+from torch import Tensor
+
+PromptFn = Callable[[Tensor, Mapping[str, Tensor]], Tensor]
+Assignments = list[list[tuple[Tensor, Tensor]]]
+
+
+class QueryModel(Protocol):
+    cfg: object
+
+    def __call__(self, images: Tensor, prompt_fn: PromptFn | None = None
+                 ) -> tuple[list[dict[str, Tensor | None]], dict[str, Tensor]]:
+        """images: (B, 3, H, W) ImageNet-normalised, H and W multiples of 32 (zero padding).
+
+        prompt_fn(queries (B, N, C), feats) -> (B, N, C) is called exactly once, on the initial query
+        features, before the first decoder layer / dynamic stage / kernel-update stage (paper Eq. 8).
+        Returns stages, one dict per supervised prediction step with at least 'logits' (B, N, K) or (for a
+        softmax classifier with a no-object column) (B, N, K + 1), or None for a step without classes, and
+        'queries' (B, N, C), the query features after that step or None where kernel supervision (Eq. 9)
+        must not apply; and feats with at least 'p5' (B, C, H/32, W/32), where prompts are pooled from.
+        """
+
+    def losses(self, stages: list[dict], targets: list[dict]) -> tuple[dict[str, Tensor], Assignments]:
+        """targets: per image dict(masks (L, H/4, W/4) float in {0, 1}, full_masks (L, H, W) bool, boxes
+        (L, 4) xyxy input pixels (exclusive x2/y2), labels (L,) long); L may be 0.
+        Returns (named scalars already weighted, whose sum is the training loss; assignments[s][b] =
+        (pred_idx, gt_idx), int64 CPU tensors: the Hungarian pairs stage s of image b was supervised with)."""
+
+    def predict(self, images: Tensor, image_sizes: Sequence[tuple[int, int]],
+                orig_sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Per image dict(scores (k,), labels (k,) long in 0..K-1, masks (k, h0, w0) bool, boxes (k, 4) xyxy
+        exclusive x2/y2) sorted by decreasing score, k <= cfg.max_per_image; masks at orig_sizes[b] of the
+        valid region image_sizes[b] of the padded batch."""

@@ -1,0 +1,106 @@
+"""The query-model contract (models/query_model.py), checked for every model of models.build.QUERY_MODELS: a
+model added there is held to the same behaviour that pre-training, fine-tuning and evaluation rely on."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.build import QUERY_MODELS, build_query_model, model_kind, query_model_config, query_model_spec
+
+
+@pytest.fixture(scope="module", params=list(QUERY_MODELS))
+def model(request):
+    """The small model with its default number of queries (16). Thresholded masks (K-Net's mask pooling,
+    Mask2Former's attention masks) make batched == per-image hold only while no mask logit sits within float
+    noise of 0: with 8 K-Net kernels and this seed one does, and one pixel flips at the last stage."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        return build_query_model(query_model_config(request.param, small=True, backbone="resnet18",
+                                                    num_classes=3)).eval()
+
+
+def test_config_factory_and_kind(model):
+    kind = model_kind(model.cfg)
+    assert isinstance(model.cfg, query_model_spec(kind).config)
+    assert model.cfg.backbone == "resnet18" and model.cfg.num_classes == 3
+    cfg = query_model_config(kind, small=False, backbone="resnet34", num_queries=7, num_classes=5)
+    assert getattr(cfg, query_model_spec(kind).num_queries_field) == 7 and cfg.backbone == "resnet34"
+    assert cfg.channels == 256 and model_kind(cfg) == kind
+    with pytest.raises(ValueError, match="--model queryinst is not yet implemented"):
+        query_model_spec("queryinst")
+    with pytest.raises(ValueError, match="unknown query-based model 'detr'"):
+        query_model_spec("detr")
+
+
+def test_batched_forward_equals_per_image_forward(model):
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        batched, _ = model(images)
+        for b in range(3):
+            single, _ = model(images[b:b + 1])
+            for s_b, s_1 in zip(batched, single):
+                for key in ("masks", "logits", "queries"):
+                    if s_1[key] is not None:
+                        torch.testing.assert_close(s_b[key][b:b + 1], s_1[key], rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_fn_is_called_once_on_the_initial_queries_with_p5(model):
+    images = torch.randn(2, 3, 64, 96)
+    calls = []
+
+    def prompt_fn(queries, feats):
+        calls.append((tuple(queries.shape), tuple(feats["p5"].shape)))
+        return queries + 1.0
+
+    with torch.no_grad():
+        plain, feats = model(images)
+        prompted, _ = model(images, prompt_fn=prompt_fn)
+    n, c = 16, model.cfg.channels
+    assert calls == [((2, n, c), (2, c, 2, 3))]
+    assert feats["p5"].shape == (2, c, 2, 3)
+    supervised = [s for s in prompted if s["queries"] is not None]
+    assert supervised and all(s["queries"].shape == (2, n, c) for s in supervised)
+    assert not torch.allclose(prompted[-1]["masks"], plain[-1]["masks"], atol=1e-4)
+
+
+def test_losses_are_named_weighted_scalars_with_the_pairs_of_every_stage(model):
+    images = torch.randn(2, 3, 64, 64)
+    full = torch.zeros(2, 64, 64, dtype=torch.bool)
+    full[0, 8:40, 8:40], full[1, 36:60, 20:60] = True, True
+    targets = [dict(masks=(F.avg_pool2d(full[None].float(), 4)[0] > 0.5).float(), full_masks=full,
+                    boxes=torch.tensor([[8.0, 8, 40, 40], [20, 36, 60, 60]]), labels=torch.tensor([0, 2])),
+               dict(masks=torch.zeros(0, 16, 16), full_masks=torch.zeros(0, 64, 64, dtype=torch.bool),
+                    boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))]  # an image without objects
+    model.train()
+    try:
+        stages, _ = model(images)
+        losses, assignments = model.losses(stages, targets)
+    finally:
+        model.eval()
+    assert losses and all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert len(assignments) == len(stages)
+    for per_image in assignments:
+        (p0, g0), (p1, g1) = per_image
+        assert p0.dtype == g0.dtype == torch.long and p0.device.type == "cpu"
+        assert len(p0) == 2 and sorted(g0.tolist()) == [0, 1] and len(set(p0.tolist())) == 2
+        assert len(p1) == len(g1) == 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_predict_of_a_batch_equals_predict_of_each_image(model):
+    images = torch.randn(2, 3, 64, 64)
+    sizes, orig = [(64, 64), (48, 40)], [(64, 64), (96, 80)]
+    both = model.predict(images, sizes, orig)
+    for b in range(2):
+        (one,) = model.predict(images[b:b + 1], sizes[b:b + 1], orig[b:b + 1])
+        assert len(one["scores"]) <= model.cfg.max_per_image and one["labels"].max() < 3
+        assert torch.all(one["scores"][:-1] >= one["scores"][1:]) and one["boxes"].shape == (len(one["scores"]), 4)
+        torch.testing.assert_close(both[b]["scores"], one["scores"], rtol=1e-4, atol=1e-4)
+        assert both[b]["masks"].shape == (one["masks"].shape[0], *orig[b])
+        # masks may only differ where a probability sits within float noise of the threshold
+        assert (both[b]["masks"] != one["masks"]).float().mean() < 1e-3

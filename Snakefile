@@ -192,7 +192,7 @@ rule demo_data:
 
 
 rule check_labels:
-    input: [ann for ann, _, _ in LABEL_CHECKS]
+    input: [demo_input(ann) or ann for ann, _, _ in LABEL_CHECKS]  # demo files: made by rule demo_data
     output: touch(LABELS_CHECKED)
     params: cmd=check_labels_cmd
     shell: "{params.cmd}"

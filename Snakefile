@@ -96,6 +96,13 @@ def flags(**options):
 # the same backbone and weights for the pseudo masks and every model of every run
 BACKBONE, WEIGHTS = config["gen_masks"]["backbone"], config["gen_masks"]["backbone_weights"]
 COMMON = dict(workers=0, device=config["device"])
+SKIP_BAD = truthy(config["skip_bad"])  # leave out bad labeled images/annotations (listed per run) instead of stopping
+# Every labeled file is checked (with its images) before anything runs: what fine-tuning, evaluation and
+# eval-masks would otherwise find hours later. ([file, image folder, use] each)
+LABEL_CHECKS = [[config["train_ann"], config["train_images"], "train"],
+                [config["val_ann"], config["val_images"], "eval"]]
+LABEL_CHECKS += [[config["unlabeled_gt"], "", "mask-gt"]] if config["unlabeled_gt"] else []
+LABELS_CHECKED = f"{RES}/labels.checked"
 
 
 def gen_masks_cmd(w):
@@ -122,13 +129,13 @@ def pretrain_cmd(w):
 def finetune_cmd(w, input):
     return (f"finetune --train-ann {config['train_ann']} --train-images {config['train_images']} "
             f"--val-ann {config['val_ann']} --val-images {config['val_images']} "
-            f"--out {RES}/finetune/{w.run}/seed{w.seed} --resume "
+            f"--out {RES}/finetune/{w.run}/seed{w.seed} --resume --overwrite "
             + flags(model=RUNS[w.run]["model"], small=truthy(config["small_models"]), init=input.init or "",
                     backbone=BACKBONE, backbone_weights=WEIGHTS, epochs=config["finetune_epochs"],
                     batch_size=config["finetune_batch_size"],
                     lr_steps=config["finetune_lr_steps"], warmup_steps=config["finetune_warmup_steps"],
                     image_size=config["finetune_image_size"], max_size=config["finetune_max_size"], seed=w.seed,
-                    **COMMON))
+                    skip_bad=SKIP_BAD, **COMMON))
 
 
 def table_cmd(w, input):
@@ -137,6 +144,11 @@ def table_cmd(w, input):
     quality = [f"{name}={RES}/stores/{h}.quality.json" for name, h in STORE_OF.items()] if config["unlabeled_gt"] else []
     return (f"sp table {' '.join(input.evals)} --names {names} --out {RES}/results "
             + flags(metrics=metrics, early_epochs=config["early_epochs"], pseudo_masks=quality))
+
+
+def check_labels_cmd(w):
+    return " && ".join(f"sp check-labels {ann} " + flags(images=images, use=use, skip_bad=SKIP_BAD)
+                       for ann, images, use in LABEL_CHECKS)
 
 
 def demo_input(path):
@@ -183,10 +195,17 @@ rule demo_data:
     shell: "sp demo-data {DEMO} {params.sizes}"
 
 
+rule check_labels:
+    input: [demo_input(ann) or ann for ann, _, _ in LABEL_CHECKS]  # demo files: made by rule demo_data
+    output: touch(LABELS_CHECKED)
+    params: cmd=check_labels_cmd
+    shell: "{params.cmd}"
+
+
 # Markers (*.done) rather than directory outputs: Snakemake deletes the outputs of a failed job, and the
 # part stores must survive a crash so that rerunning resumes them.
 rule gen_masks_shard:
-    input: demo_input(config["unlabeled_images"])
+    input: demo_input(config["unlabeled_images"]), LABELS_CHECKED
     output: touch(f"{RES}/stores/{{store}}.part{{i}}.done")
     threads: THREADS
     resources:
@@ -204,11 +223,11 @@ rule merge_store:
 
 # Class-agnostic AP of the pseudo masks (Table 6 of the paper) and an overlay grid, when unlabeled_gt is set
 rule store_quality:
-    input: f"{RES}/stores/{{store}}.zarr.done", demo_input(config["unlabeled_gt"])
+    input: f"{RES}/stores/{{store}}.zarr.done", demo_input(config["unlabeled_gt"]), LABELS_CHECKED
     output: f"{RES}/stores/{{store}}.quality.json"
-    params: store=lambda w: f"{RES}/stores/{w.store}.zarr"
+    params: store=lambda w: f"{RES}/stores/{w.store}.zarr", skip_bad=flags(skip_bad=SKIP_BAD)
     shell:
-        "sp eval-masks {params.store} --gt {config[unlabeled_gt]} --out {output} && "
+        "sp eval-masks {params.store} --gt {config[unlabeled_gt]} --out {output} {params.skip_bad} && "
         "sp viz {params.store} --images {config[unlabeled_images]} --out {params.store}.overlays -n 16"
 
 rule pretrain_run:
@@ -224,6 +243,7 @@ rule pretrain_run:
 rule finetune_run:
     input:
         ann=config["train_ann"],
+        checked=LABELS_CHECKED,
         init=lambda w: (f"{RES}/pretrain/{PRETRAIN_OF[RUNS[w.run]['init']]}/seed{w.seed}/final.pth"
                         if RUNS[w.run].get("init") else []),
     output: f"{RES}/finetune/{{run}}/seed{{seed}}/final.pth"
@@ -238,9 +258,10 @@ rule evaluate_run:
     input: f"{RES}/finetune/{{run}}/seed{{seed}}/final.pth"
     output: f"{RES}/eval/{{run}}/seed{{seed}}.json"
     threads: THREADS
+    params: skip_bad=flags(skip_bad=SKIP_BAD)
     shell:
         "OMP_NUM_THREADS={threads} sp evaluate {input} --ann {config[val_ann]} --images {config[val_images]} "
-        "--out {output} --workers 0 --device {config[device]}"
+        "--out {output} --workers 0 --device {config[device]} {params.skip_bad}"
 
 rule results_table:
     input:

@@ -4,13 +4,15 @@ commands live here, training and evaluation commands in `pipeline.cli_training`.
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli_common import (DEFAULT_BACKBONE, Backbone, BackboneWeights, BatchSize, Device, ImageSize, MaxSize,
-                                 Method, Nms, Workers, app, backbone_weights_path, fail, resolve_device, store_app)
+from pipeline.cli_common import (DEFAULT_BACKBONE, Backbone, BackboneWeights, BatchSize, DecodeImages, Device,
+                                 ImageSize, MaxSize, Method, Nms, Workers, app, backbone_weights_path, fail,
+                                 resolve_device, store_app)
 
 
 @app.command("gen-masks")
@@ -141,6 +143,10 @@ def store_import_coco(
     batch_size: BatchSize = 8,
     workers: Workers = 2,
     device: Device = "auto",
+    skip_bad: Annotated[bool, typer.Option(help="Leave out the images and annotations that the up-front check "
+                                           "finds bad (listed in the store's attrs, input_skipped), instead of "
+                                           "stopping.")] = False,
+    decode_images: DecodeImages = False,
 ):
     """Turn external pseudo labels into a store; seed features are pooled from the backbone inside each mask."""
     from stages.gen_masks import RunOptions
@@ -152,7 +158,8 @@ def store_import_coco(
                              backbone_weights=backbone_weights_path(backbone, backbone_weights),
                              image_size=image_size, max_size=max_size,
                              options=RunOptions(batch_size=batch_size, workers=workers,
-                                                device=resolve_device(device)))
+                                                device=resolve_device(device)), skip_bad=skip_bad,
+                             decode=decode_images)
     except (ValueError, OSError) as e:
         fail(str(e))
     typer.echo(format_summary(store_summary(result)))
@@ -163,18 +170,58 @@ def eval_masks(
     store: Annotated[Path, typer.Argument(help="A pseudo-label store.")],
     gt: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="COCO instances JSON of the same images.")],
     out: Annotated[Optional[Path], typer.Option(help="Also write the numbers as JSON.")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="Leave out the GT images and annotations that the check finds "
+                                           "bad (listed in OUT's *.skipped.json), instead of stopping.")] = False,
 ):
     """Class-agnostic box and mask AP of the pseudo masks against ground truth (the paper's Table 6)."""
+    from stages.coco_check import MASK_GT, load_checked_coco, write_skipped
     from stages.eval_masks import evaluate_pseudo_masks, format_table
     from store.pseudo_label_store import PseudoLabelStore
 
     try:
-        result = evaluate_pseudo_masks(PseudoLabelStore.open(store), gt)
+        checked = load_checked_coco(gt, needs=MASK_GT, skip_bad=skip_bad)
+        result = evaluate_pseudo_masks(PseudoLabelStore.open(store), checked.data)
     except (ValueError, OSError) as e:
         fail(str(e))
     typer.echo(format_table(result))
     if out is not None:
         out.write_text(json.dumps(result, indent=2))
+        write_skipped({"gt": checked.skipped}, out.with_suffix(".skipped.json"))
+
+
+class LabelUse(str, Enum):
+    train = "train"
+    eval = "eval"
+    mask_gt = "mask-gt"
+    pseudo_labels = "pseudo-labels"
+
+
+@app.command("check-labels")
+def check_labels(
+    ann: Annotated[Path, typer.Argument(help="A COCO instances JSON.")],
+    images: Annotated[Optional[Path], typer.Option(help="Its image folder: every file named is opened too.")] = None,
+    use: Annotated[LabelUse, typer.Option(help="What the file is for, which decides the annotation keys required: "
+                                          "train (id, image_id, category_id, segmentation), eval (also bbox, area, "
+                                          "iscrowd), mask-gt (`sp eval-masks`: no category), pseudo-labels (`sp "
+                                          "store import-coco`: image_id, segmentation).")] = LabelUse.train,
+    decode_images: DecodeImages = False,
+    skip_bad: Annotated[bool, typer.Option(help="Only report what --skip-bad would leave out; exit 0 if "
+                                           "anything is left.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Write what --skip-bad leaves out as JSON.")] = None,
+):
+    """Check a COCO file (and its images) the way every labeled-data command does before it starts."""
+    from stages.coco_check import USES, load_checked_coco, write_skipped
+
+    try:
+        checked = load_checked_coco(ann, images, USES[use.value], skip_bad, decode_images)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    data = checked.data
+    typer.echo(f"ok: {ann}: {len(data['images'])} images, {len(data['annotations'])} annotations"
+               + (f", {len(data['categories'])} categories" if "categories" in data else "")
+               + (f"; every image file in {images} opened" if images is not None else ""))
+    if report is not None:
+        write_skipped({"ann": checked.skipped}, report)
 
 
 @app.command("viz")

@@ -75,3 +75,11 @@ BatchSize = Annotated[int, typer.Option(min=1, help="Images per backbone batch."
 Workers = Annotated[int, typer.Option(min=0, help="DataLoader processes decoding images.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda when available).")]
 FinetuneCheckpoint = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A `sp finetune` checkpoint.")]
+SkipBad = Annotated[bool, typer.Option(help="Leave out the images and annotations that the up-front check of the "
+                                       "labels finds bad, and list them (with why) in the output, instead of stopping.")]
+DecodeImages = Annotated[bool, typer.Option(help="Decode every labeled image in the up-front check (slower; by "
+                                            "default headers and file ends are read, which finds missing, "
+                                            "truncated and wrongly sized files).")]
+Overwrite = Annotated[bool, typer.Option(help="Replace a run that OUT already holds (its checkpoints, metrics and "
+                                         "plots are deleted) instead of refusing; with --resume, only when it "
+                                         "cannot be continued.")]

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli_common import (DEFAULT_BACKBONE, Backbone, BackboneWeights, BatchSize, Device, FinetuneCheckpoint,
-                                 ImageSize, MaxSize, Workers, app, backbone_weights_path, fail, resolve_device)
+from pipeline.cli_common import (DEFAULT_BACKBONE, Backbone, BackboneWeights, BatchSize, DecodeImages, Device,
+                                 FinetuneCheckpoint, ImageSize, MaxSize, Overwrite, SkipBad, Workers, app,
+                                 backbone_weights_path, fail, resolve_device)
 
 
 class QueryModelName(str, Enum):
@@ -60,7 +61,9 @@ def pretrain_cmd(
     log_every: Annotated[int, typer.Option(help="Steps between metrics records.")] = 10,
     checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: per epoch only).")] = 0,
     keep_every: Annotated[int, typer.Option(help="Keep epoch_NNN.pth every N epochs (0: last.pth and final.pth only).")] = 1,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth exactly where it stopped.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth exactly where it stopped (a run with "
+                                         "other settings is refused).")] = False,
+    overwrite: Overwrite = False,
 ):
     """Stage 2a: pre-train a query-based model on the pseudo-label store with Saliency Prompts and kernel
     supervision. Multi-GPU: `torchrun --nproc_per_node N -m pipeline.cli pretrain ...`."""
@@ -82,7 +85,7 @@ def pretrain_cmd(
         prompt=PromptConfig(mode=prompt.value, drop_prob=prompt_drop), kernel_loss_weight=kernel_loss_weight,
         image_size=image_size, max_size=max_size, flip_prob=flip_prob, workers=workers,
         device=resolve_device(device), seed=seed, log_every=log_every, checkpoint_every=checkpoint_every,
-        keep_every=keep_every, resume=resume)
+        keep_every=keep_every, resume=resume, overwrite=overwrite)
     try:
         final = pretrain(cfg)
     except (ValueError, OSError, FloatingPointError) as e:
@@ -138,7 +141,11 @@ def finetune_cmd(
     log_every: Annotated[int, typer.Option(help="Steps between metrics records.")] = 10,
     checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: per epoch only).")] = 0,
     keep_every: Annotated[int, typer.Option(help="Keep epoch_NNN.pth every N epochs (0: last, best and final only).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth exactly where it stopped.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth exactly where it stopped (a run with "
+                                         "other settings is refused).")] = False,
+    overwrite: Overwrite = False,
+    skip_bad: SkipBad = False,
+    decode_images: DecodeImages = False,
 ):
     """Stage 2b: fine-tune on a small labeled set, with mask and box AP on the validation set every epoch."""
     from stages.finetune import FinetuneConfig, finetune
@@ -153,7 +160,7 @@ def finetune_cmd(
         flip_prob=flip_prob, rotate_deg=rotate, image_size=image_size, max_size=max_size,
         mask_threshold=mask_threshold, max_per_image=max_per_image, eval_every=eval_every, workers=workers,
         device=resolve_device(device), seed=seed, log_every=log_every, checkpoint_every=checkpoint_every,
-        keep_every=keep_every, resume=resume)
+        keep_every=keep_every, resume=resume, overwrite=overwrite, skip_bad=skip_bad, decode_images=decode_images)
     try:
         final = finetune(cfg)
     except (ValueError, OSError, FloatingPointError) as e:
@@ -175,24 +182,33 @@ def evaluate_cmd(
                                             "GroupNorm see the padding, so results depend on batch partners.")] = 1,
     workers: Workers = 2,
     device: Device = "auto",
+    skip_bad: Annotated[bool, typer.Option(help="Leave out the images and annotations that the up-front check "
+                                           "finds bad (listed in OUT's *.skipped.json), instead of stopping; "
+                                           "AP is then that of the rest.")] = False,
+    decode_images: DecodeImages = False,
 ):
     """Mask and box AP, AP50, AP75, APs, APm, APl of a fine-tuned model (faster-coco-eval when installed)."""
+    from stages.coco_check import EVALUATION, load_checked_coco, same_categories, write_skipped
     from stages.evaluate import format_ap_table
     from stages.finetune import evaluate_model
     from stages.inference import load_checkpoint_model
 
     try:
         dev = resolve_device(device)
+        checked = load_checked_coco(ann, images, EVALUATION, skip_bad, decode_images)
         model, state = load_checkpoint_model(checkpoint, dev)
+        same_categories(state["categories"], checked.data["categories"], f"{checkpoint} and --ann {ann}")
         args = state["args"]
-        metrics, results = evaluate_model(model, state["model_kind"], ann, images, image_size or args["image_size"],
-                                          max_size or args["max_size"], dev, batch_size, workers)
+        metrics, results = evaluate_model(model, state["model_kind"], checked.data, images,
+                                          image_size or args["image_size"], max_size or args["max_size"], dev,
+                                          batch_size, workers, state["categories"])
     except (ValueError, OSError) as e:
         fail(str(e))
     typer.echo(format_ap_table(metrics))
     if out is not None:
         out.write_text(json.dumps(metrics, indent=2))
         out.with_suffix(".results.json").write_text(json.dumps(results))
+        write_skipped({"ann": checked.skipped}, out.with_suffix(".skipped.json"))
 
 
 @app.command("predict")
@@ -354,12 +370,15 @@ def split(
     ids_file: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="Labeled image ids: text "
                                                      "(one per line, # comments), JSON list, or Unbiased-Teacher "
                                                      "COCO_supervision.txt (needs --percent and --seed).")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="Leave the images and annotations that the check of the file finds "
+                                           "bad out of both parts (listed in OUT/STEM.skipped.json), instead of "
+                                           "stopping.")] = False,
 ):
     """Low-data split of a COCO JSON: a labeled subset and the rest, deterministic for a seed."""
     from stages.split import split_command
 
     try:
-        labeled, unlabeled = split_command(instances, out, percent, seed, ids_file)
+        labeled, unlabeled = split_command(instances, out, percent, seed, ids_file, skip_bad)
     except (ValueError, OSError) as e:
         fail(str(e))
     typer.echo(f"{labeled}\n{unlabeled}")

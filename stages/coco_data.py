@@ -7,7 +7,6 @@ not copy thousands of Python objects on read.
 """
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
@@ -17,27 +16,21 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from models.saliency import mask_boxes
+from stages.coco_check import checked_data
 from stages.image_data import load_image, network_input, resize_masks
 from stages.import_coco import annotation_mask
-
-
-def load_instances(ann_path: Path) -> dict:
-    with open(ann_path) as f:
-        data = json.load(f)
-    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
-        raise ValueError(f"{ann_path} is not a COCO instances JSON (needs images, annotations, categories)")
-    return data
 
 
 class CocoInstances(Dataset):
     """Item: dict(image (3, Hr, Wr), masks (L, Hr, Wr) bool, boxes (L, 4), labels (L,) long, index).
 
+    ann: a COCO file (checked here, with its images, by `stages.coco_check`) or a dataset dict already checked.
     categories: the dataset's categories sorted by id; label l ↔ categories[l]['id'].
     """
 
-    def __init__(self, ann_path: Path, images_dir: Path, image_size: int, max_size: int, flip_prob: float = 0.5,
+    def __init__(self, ann: Path | dict, images_dir: Path, image_size: int, max_size: int, flip_prob: float = 0.5,
                  rotate_deg: float = 0.0, seed: int = 0):
-        data = load_instances(ann_path)
+        data = checked_data(ann, images_dir)
         self.categories = sorted(data["categories"], key=lambda c: c["id"])
         label_of = {c["id"]: i for i, c in enumerate(self.categories)}
         per_image: dict[int, list] = {img["id"]: [] for img in data["images"]}

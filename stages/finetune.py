@@ -21,12 +21,13 @@ from models.backbone_weights import weights_record
 from models.build import build_query_model, query_model_config
 from models.maskrcnn import MaskRCNNConfig, build_maskrcnn_adapter, maskrcnn_optimizer
 from pipeline.plots import line_chart
-from stages.coco_data import CocoInstances, load_instances
+from stages.coco_check import EVALUATION, TRAINING, checked_data, load_checked_coco, same_categories, write_skipped
+from stages.coco_data import CocoInstances
 from stages.evaluate import coco_evaluate, predictions_to_results
 from stages.inference import predict_images, unnormalise
 from stages.pseudo_label_data import collate_training
 from stages.training import (LoopConfig, Schedule, config_dict, forward_losses, init_distributed, link_checkpoint,
-                             seed_everything, train_loop)
+                             prepare_run_folder, read_checkpoint, seed_everything, train_loop)
 
 log = logging.getLogger(__name__)
 PRETRAIN_ONLY = ("prompt",)  # checkpoint entries that fine-tuning never loads
@@ -58,6 +59,8 @@ class FinetuneConfig(LoopConfig):
     max_per_image: int = 100
     eval_every: int = 1
     device: str = "cpu"
+    skip_bad: bool = False  # leave out (and list in skipped.json) the images and annotations the check names
+    decode_images: bool = False  # the up-front check decodes every image, not just headers and file ends
 
 
 def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
@@ -73,14 +76,29 @@ def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     return {"loaded": loaded, "reinitialised": reinitialised, "ignored": ignored}
 
 
+# Model settings that may differ between pre-training and fine-tuning (classes, freezing, test-time and loss
+# settings); any other difference is another architecture, whose tensors would silently stay random.
+FREE_MODEL_SETTINGS = {"num_classes", "frozen_stages", "norm_eval", "mask_threshold_test", "max_per_image",
+                       "num_points", "oversample_ratio", "importance_sample_ratio"}
+
+
 def load_pretrained(model: nn.Module, path: Path, kind: str) -> dict[str, list[str]]:
     """Initialise `model` (of model kind `kind`) from a `sp pretrain` checkpoint of the same kind of model."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path, "--init")
     if state.get("kind") != "sp-pretrain":
         raise ValueError(f"--init {path} is not a `sp pretrain` checkpoint (kind {state.get('kind')!r})")
     trained = state.get("model_kind", "knet")  # checkpoints from before other models existed are K-Net's
     if trained != kind:
         raise ValueError(f"--init {path} pre-trained a {trained} model; it cannot initialise --model {kind}")
+    saved, built = state.get("model_config"), getattr(model, "cfg", None)
+    if isinstance(saved, dict) and dataclasses.is_dataclass(built):
+        built = dataclasses.asdict(built)
+        differ = sorted(k for k in saved.keys() | built.keys() if k not in FREE_MODEL_SETTINGS
+                        and saved.get(k) != built.get(k))
+        if differ:
+            raise ValueError(f"--init {path} is another architecture than this model ("
+                             + ", ".join(f"{k}: checkpoint={saved.get(k)!r} now={built.get(k)!r}" for k in differ)
+                             + "); fine-tune with the pre-training's model settings (e.g. --small, --backbone)")
     report = transfer_weights(model, state["model"])
     report["ignored"] += [f"{name}.*" for name in PRETRAIN_ONLY if name in state]
     log.info("--init %s: loaded %d tensors, re-initialised %d (%s), ignored %d (%s)", path, len(report["loaded"]),
@@ -128,14 +146,19 @@ def loss_function(model: nn.Module, kind: str, device: str):
     return maskrcnn_loss if kind == "maskrcnn" else query_model_loss
 
 
-def evaluate_model(model: nn.Module, kind: str, ann: Path, images: Path, image_size: int, max_size: int,
-                   device: str, batch_size: int = 1, workers: int = 2) -> tuple[dict, list[dict]]:
-    """COCO segm and bbox AP of a model on a labeled set, and the COCO results list.
+def evaluate_model(model: nn.Module, kind: str, ann: Path | dict, images: Path, image_size: int, max_size: int,
+                   device: str, batch_size: int = 1, workers: int = 2,
+                   categories: list[dict] | None = None) -> tuple[dict, list[dict]]:
+    """COCO segm and bbox AP of a model on a labeled set (a COCO file, checked here, or a dataset dict already
+    checked with `EVALUATION`), and the COCO results list. categories: the model's (label l ↔ the l-th id in
+    sorted order); the set's must be the same. Default: the set's own.
 
     batch_size 1 by default: in a padded batch, K-Net's mask pooling and the GroupNorm statistics of its
     necks see the padding, so an image's predictions would depend on the image it is batched with."""
-    data = load_instances(ann)
-    category_ids = sorted(c["id"] for c in data["categories"])
+    data = checked_data(ann, images, EVALUATION)
+    if categories is not None:
+        same_categories(categories, data["categories"], "the model's categories and the evaluation set's")
+    category_ids = sorted(c["id"] for c in (categories or data["categories"]))
     images_sorted = sorted(data["images"], key=lambda img: img["id"])
     names = [img["file_name"] for img in images_sorted]
     results = []
@@ -149,10 +172,17 @@ def evaluate_model(model: nn.Module, kind: str, ann: Path, images: Path, image_s
 def finetune(cfg: FinetuneConfig) -> Path:
     """Run (or resume) fine-tuning; returns the final checkpoint."""
     dist = init_distributed(cfg.device)
+    # Every input is checked before anything is written: labels and images, --init, then the run folder.
+    train = load_checked_coco(cfg.train_ann, cfg.train_images, TRAINING, cfg.skip_bad, cfg.decode_images)
+    val = load_checked_coco(cfg.val_ann, cfg.val_images, EVALUATION, cfg.skip_bad, cfg.decode_images)
+    same_categories(train.data["categories"], val.data["categories"], f"{cfg.train_ann} and {cfg.val_ann}")
     seed_everything(cfg.seed)
-    dataset = CocoInstances(cfg.train_ann, cfg.train_images, cfg.image_size, cfg.max_size, cfg.flip_prob,
+    dataset = CocoInstances(train.data, cfg.train_images, cfg.image_size, cfg.max_size, cfg.flip_prob,
                             cfg.rotate_deg, cfg.seed)
     model, model_config, optimizer = build(cfg, len(dataset.categories))
+    prepare_run_folder(cfg, "sp-finetune", config_dict(cfg), dist.main)
+    if dist.main:
+        write_skipped({"train": train.skipped, "val": val.skipped}, cfg.out / "skipped.json")
     model = model.to(dist.device)
     train_model = DistributedDataParallel(model) if dist.world_size > 1 else model
     previous = [json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines()] \
@@ -164,8 +194,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
     def on_epoch_end(epoch: int) -> dict:
         if not dist.main or (epoch % cfg.eval_every and epoch != cfg.epochs):
             return {}
-        metrics, _ = evaluate_model(model, cfg.model, cfg.val_ann, cfg.val_images, cfg.image_size, cfg.max_size,
-                                    dist.device, workers=cfg.workers)
+        metrics, _ = evaluate_model(model, cfg.model, val.data, cfg.val_images, cfg.image_size, cfg.max_size,
+                                    dist.device, workers=cfg.workers, categories=dataset.categories)
         record = {f"{t}_{k}": v for t in ("segm", "bbox") for k, v in metrics[t].items()}
         log.info("epoch %d: mask AP %.1f, box AP %.1f", epoch, record["segm_AP"], record["bbox_AP"])
         if record["segm_AP"] > best["AP"]:

@@ -56,10 +56,16 @@ def resized_size(height: int, width: int, image_size: int, max_size: int) -> tup
 
 
 def load_image(path: Path, expected_hw: tuple[int, int] | None = None) -> Image.Image:
-    """Decode fully (truncated files fail here, not later) to RGB. EXIF rotation is ignored, as in COCO.
-    With expected_hw, a file of another size (the labels would not fit it) is a ValueError naming it."""
+    """Decode fully (truncated files fail here, not later) to RGB; the one loader of unlabeled and labeled images.
+
+    Grayscale, palette, CMYK and alpha images become RGB (alpha is dropped); 16-bit grayscale is scaled to
+    8 bits (65535 → 255), which Pillow's own conversion would clip instead. EXIF orientation is ignored: COCO
+    annotations refer to the stored pixels. With expected_hw, a file of another size (the labels would not
+    fit it) is a ValueError naming it."""
     with Image.open(path) as im:
         im.load()
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit PNG/TIFF grayscale
+            im = Image.fromarray((np.clip(np.asarray(im, np.float64), 0, 65535) / 257).round().astype(np.uint8))
         im = im.convert("RGB")
     if expected_hw is not None and im.size != (expected_hw[1], expected_hw[0]):
         raise ValueError(f"{path} is {im.size[1]}x{im.size[0]}, its labels say {expected_hw[0]}x{expected_hw[1]}")

@@ -5,7 +5,6 @@ averaged inside the mask), so kernel supervision works on imported labels too. I
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from pycocotools import mask as mask_utils
 
 from models.backbone_weights import file_sha256
 from models.saliency import mask_boxes
+from stages.coco_check import PSEUDO_LABELS, load_checked_coco
 from stages.gen_masks import GenerationSettings, RunOptions, generate, pooled_features
 from stages.image_data import Batch
 
@@ -31,26 +31,19 @@ def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle)
 
 
-def load_coco(ann_path: Path) -> tuple[list[dict], dict[int, list[dict]]]:
-    """Images (in file order) and their non-crowd annotations from a COCO instances JSON."""
-    with open(ann_path) as f:
-        data = json.load(f)
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{ann_path} is not a COCO instances JSON with 'images' and 'annotations' "
-                         "(a bare results list has no file names; merge it with its dataset's 'images' first)")
-    per_image = defaultdict(list)
-    for ann in data["annotations"]:
-        if not ann.get("iscrowd", 0):
-            per_image[ann["image_id"]].append(ann)
-    return data["images"], per_image
-
-
 def import_coco(ann_path: Path, images_dir: Path, store_path: Path, backbone: str = "resnet50",
                 backbone_weights: Path | None = None, image_size: int = 800, max_size: int = 1333,
-                options: RunOptions | None = None):
-    """Write the masks of `ann_path` into a new (or resumed) store; returns the store."""
-    images, per_image = load_coco(ann_path)
-    records = {img["file_name"]: img for img in images}
+                options: RunOptions | None = None, skip_bad: bool = False, decode: bool = False):
+    """Write the masks of `ann_path` into a new (or resumed) store; returns the store.
+
+    The file and its images are checked first (`stages.coco_check`); with skip_bad, what is left out is
+    recorded in the store's attrs as `input_skipped`."""
+    checked = load_checked_coco(ann_path, images_dir, PSEUDO_LABELS, skip_bad, decode)
+    per_image = defaultdict(list)
+    for ann in checked.data["annotations"]:
+        if not ann.get("iscrowd", 0):
+            per_image[ann["image_id"]].append(ann)
+    records = {img["file_name"]: img for img in checked.data["images"]}
 
     def propose(c5: torch.Tensor, batch: Batch, settings: GenerationSettings):
         out = []
@@ -71,4 +64,5 @@ def import_coco(ann_path: Path, images_dir: Path, store_path: Path, backbone: st
     settings = GenerationSettings(method="import", backbone=backbone, image_size=image_size, max_size=max_size,
                                   source_sha256=file_sha256(ann_path))
     return generate(images_dir, store_path, settings, options or RunOptions(), backbone_weights=backbone_weights,
-                    file_names=list(records), proposer=propose, extra_attrs={"source": str(ann_path)})
+                    file_names=list(records), proposer=propose,
+                    extra_attrs={"source": str(ann_path), "input_skipped": checked.skipped})

@@ -15,6 +15,7 @@ from models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from models.build import build_query_model, query_model_spec
 from models.maskrcnn import MaskRCNNConfig, build_maskrcnn_adapter
 from stages.image_data import ImageFolder, batch_loader
+from stages.training import read_checkpoint
 
 
 def build_model(kind: str, config: dict) -> nn.Module:
@@ -28,7 +29,7 @@ def build_model(kind: str, config: dict) -> nn.Module:
 def load_checkpoint_model(path: Path, device: str, pretrained_ok: bool = False) -> tuple[nn.Module, dict]:
     """The model of a `sp finetune` checkpoint, in eval mode, and the checkpoint dict (categories, args, ...).
     pretrained_ok: also the K-Net of a `sp pretrain` checkpoint (its prompt module is not loaded)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path, "checkpoint")
     if pretrained_ok and state.get("kind") == "sp-pretrain":
         state = {"model_kind": "knet", **state}
     elif state.get("kind") != "sp-finetune":
@@ -40,9 +41,12 @@ def load_checkpoint_model(path: Path, device: str, pretrained_ok: bool = False) 
         logging.getLogger("models.backbone").disabled = True
         try:
             model = build_model(state["model_kind"], state["model_config"])
+            model.load_state_dict(state["model"])
+        except (KeyError, TypeError, RuntimeError) as e:  # written by another version of sp, or edited
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{path}: its model cannot be rebuilt ({type(e).__name__}: {reason})") from None
         finally:
             logging.getLogger("models.backbone").disabled = False
-    model.load_state_dict(state["model"])
     return model.to(device).eval(), state
 
 

@@ -25,7 +25,8 @@ from models.build import build_query_model, model_kind
 from models.knet import KNetConfig
 from models.saliency_prompt import PromptConfig, SaliencyPrompt
 from stages.pseudo_label_data import PseudoLabelDataset, collate_training
-from stages.training import LoopConfig, config_dict, forward_losses, init_distributed, seed_everything, train_loop
+from stages.training import (LoopConfig, config_dict, forward_losses, init_distributed, prepare_run_folder,
+                             seed_everything, train_loop)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     params = [p for p in list(model.parameters()) + list(prompt.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_model = DistributedDataParallel(model) if dist.world_size > 1 else model
+    prepare_run_folder(cfg, "sp-pretrain", config_dict(cfg), dist.main)
 
     kind = model_kind(cfg.model)
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.coco_check import TRAINING, load_checked_coco, write_skipped
+
 log = logging.getLogger(__name__)
 
 
@@ -99,12 +101,17 @@ def read_id_list(path: Path, dataset: dict, percent: float | None = None, seed: 
     `dataset` is only read for layout (c). A `percent` with layout (a) or (b) is an error, because it would be
     silently ignored; `seed` is ignored there."""
     text = Path(path).read_text()
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
     if text.lstrip().startswith("{"):
-        return _unbiased_teacher_ids(json.loads(text), dataset, percent, seed)
+        return _unbiased_teacher_ids(parsed, dataset, percent, seed)
     if percent is not None:
         raise ValueError(f"{path} is a plain id list: a percent only selects an entry of an Unbiased-Teacher file")
     if text.lstrip().startswith("["):
-        ids = json.loads(text)
+        ids = parsed
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise ValueError(f"{path}: the JSON list must hold integer image ids")
         return ids
@@ -141,23 +148,31 @@ def write_split(labeled: dict, unlabeled: dict, out_dir: Path, stem: str) -> tup
 
 
 def split_command(instances: Path, out_dir: Path, percent: float | None, seed: int,
-                  ids_file: Path | None) -> tuple[Path, Path]:
+                  ids_file: Path | None, skip_bad: bool = False) -> tuple[Path, Path]:
     """`sp split`: a random percent split, or the images named by ids_file (where percent and seed pick the
     entry of an Unbiased-Teacher file). Output stem: `{instances stem}.{seed}@{percent}`, or
-    `{instances stem}.{ids_file stem}` for a plain id list."""
+    `{instances stem}.{ids_file stem}` for a plain id list.
+
+    The file is checked first (`stages.coco_check`); with skip_bad, the images and annotations it names are in
+    neither part (skipped ids in an id list are dropped from it) and are listed in `{stem}.skipped.json`. An
+    Unbiased-Teacher file counts the images of the whole file, so it cannot be combined with skipping."""
     if ids_file is None and percent is None:
         raise ValueError("give a percent or an ids file")
-    with open(instances) as f:
-        dataset = json.load(f)
-    if not isinstance(dataset, dict) or "images" not in dataset or "annotations" not in dataset:
-        raise ValueError(f"{instances} is not a COCO instances JSON with 'images' and 'annotations'")
+    checked = load_checked_coco(instances, needs=TRAINING, skip_bad=skip_bad)
+    dataset = checked.data
     base = Path(instances).stem
     if ids_file is None:
         labeled, unlabeled = split_by_percent(dataset, percent, seed)
     else:
-        labeled, unlabeled = split_by_ids(dataset, read_id_list(ids_file, dataset, percent, seed))
+        skipped = {img.get("id") for img in checked.skipped["images"]} if checked.skipped else set()
+        if checked.skipped and Path(ids_file).read_text().lstrip().startswith("{"):
+            raise ValueError(f"{ids_file} holds Unbiased-Teacher indices, which count every image of {instances}: "
+                             "leaving some out (--skip-bad) would shift them; fix the file instead")
+        ids = [i for i in read_id_list(ids_file, dataset, percent, seed) if i not in skipped]
+        labeled, unlabeled = split_by_ids(dataset, ids)
     stem = f"{base}.{seed}@{percent:g}" if percent is not None else f"{base}.{Path(ids_file).stem}"
     paths = write_split(labeled, unlabeled, out_dir, stem)
+    write_skipped({"instances": checked.skipped}, Path(out_dir) / f"{stem}.skipped.json")
     for name, part, path in zip(("labeled", "unlabeled"), (labeled, unlabeled), paths):
         log.info("%s: %d images, %d annotations -> %s", name, len(part["images"]), len(part["annotations"]), path)
     return paths

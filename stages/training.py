@@ -108,6 +108,83 @@ def init_distributed(device: str) -> Dist:
     return Dist(rank=dist.get_rank(), world_size=world, device=device)
 
 
+def read_checkpoint(path: Path, option: str, map_location: str = "cpu", mmap: bool = False) -> dict:
+    """A checkpoint dict written by `sp pretrain` or `sp finetune` (its 'kind' says which); anything else is a
+    ValueError naming the option and the file. mmap: tensors stay on disk until used (reading settings only)."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pickle, zip and torch errors all mean: not a checkpoint we can read
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{option} {path} is not a readable PyTorch checkpoint ({reason})") from None
+    if not isinstance(state, dict) or "kind" not in state:
+        raise ValueError(f"{option} {path} is not a checkpoint of `sp pretrain` or `sp finetune` (a bare state "
+                         "dict or another tool's file: backbone weights go to --backbone-weights)")
+    return state
+
+
+# Settings a resumed run may change: where and how it runs, not what it computes. `epochs` may grow: the
+# schedule and the data order do not depend on it, so a longer resumed run equals a longer run. A store may
+# move: pre-training compares its settings hash instead. Other paths are compared as given.
+RESUMABLE_CHANGES = {"out", "resume", "overwrite", "epochs", "workers", "device", "log_every", "checkpoint_every",
+                     "keep_every", "eval_every", "skip_bad", "decode_images", "store"}
+RUN_FILES = ("last.pth", "final.pth", "best.pth", "metrics.jsonl", "curve.png", "skipped.json", "tb")
+
+
+def _run_files(out: Path) -> list[Path]:
+    """The files of a run that `train_loop` (and fine-tuning) write into its folder."""
+    if not out.is_dir():
+        return []
+    return sorted([out / name for name in RUN_FILES if (out / name).exists()] + list(out.glob("epoch_*.pth"))
+                  + list(out.glob("*.pth.tmp")))
+
+
+def prepare_run_folder(loop: LoopConfig, kind: str, settings: dict, main: bool = True) -> None:
+    """Refuse an output folder that holds another run, before anything is written into it.
+
+    An empty or new folder is used as it is. One holding a run is continued with `resume` when that run has the
+    same kind and settings (see RESUMABLE_CHANGES), replaced with `overwrite` (only the run's own files are
+    deleted), and refused otherwise, naming what differs. kind: the checkpoint kind, e.g. 'sp-finetune';
+    main: whether this process deletes (every process checks, one deletes)."""
+    out = Path(loop.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    found = _run_files(out)
+    if not found:
+        return
+    last = out / "last.pth"
+    if loop.resume and not last.exists():
+        return  # stopped before its first checkpoint: train_loop starts over
+    reason = "it holds a run already (" + ", ".join(p.name for p in found[:4]) + ")"
+    if loop.resume:
+        state = read_checkpoint(last, "--resume", mmap=True)
+        old = state.get("args", {})
+        differ = sorted(k for k in old.keys() | settings.keys() if k not in RESUMABLE_CHANGES
+                        and old.get(k) != settings.get(k))
+        if state["kind"] != kind:
+            reason = f"it holds a {state['kind']} run, not a {kind} one"
+        elif differ:
+            reason = "it holds a run with other settings (" + ", ".join(
+                f"{k}: run={old.get(k)!r} now={settings.get(k)!r}" for k in differ[:5]) + ")"
+        elif state.get("epoch", 0) > loop.epochs:
+            reason = f"its last.pth is at epoch {state['epoch']}, past --epochs {loop.epochs}"
+        else:
+            return
+    if not loop.overwrite:
+        hint = "use another --out, or --overwrite to replace it" if loop.resume else \
+            "pass --resume to continue it, --overwrite to replace it, or use another --out"
+        raise ValueError(f"--out {out}: {reason}; {hint}")
+    if not main:
+        return
+    log.warning("--overwrite: deleting the run in %s (%s)", out, reason)
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically: a crash while saving never leaves a truncated checkpoint behind."""
     tmp = path.with_name(path.name + ".tmp")
@@ -210,7 +287,8 @@ class LoopConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
     keep_every: int = 0  # also keep epoch_NNN.pth every this many epochs (0: only last/final)
-    resume: bool = False
+    resume: bool = False  # continue the run in `out` (same settings: see prepare_run_folder)
+    overwrite: bool = False  # replace a run in `out` that cannot be resumed
 
 
 def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
@@ -232,7 +310,7 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
     epoch, step, start_batch = 0, 0, 0
     last = loop.out / "last.pth"
     if loop.resume and last.exists():
-        state = torch.load(last, map_location=dist.device, weights_only=False)
+        state = read_checkpoint(last, "--resume", map_location=dist.device)
         if check_resume is not None:
             check_resume(state)
         for name, module in modules.items():

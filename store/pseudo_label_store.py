@@ -64,6 +64,21 @@ class ImageResult:
     seed_feature: np.ndarray | None = None  # (K, D) float16
 
 
+# Every array: (dtype, shape after the first axis, "D" = feature_dim; what its length counts: the images
+# exactly, or at least the committed masks / RLE bytes; arrays grow by doubling while a store is written).
+ARRAYS = {"images/name_bytes": ("uint8", (), "names"), "images/name_end": ("int64", (), "images"),
+          "images/height": ("int32", (), "images"), "images/width": ("int32", (), "images"),
+          "images/status": ("uint8", (), "images"), "images/mask_end": ("int64", (), "images"),
+          "masks/box": ("float32", (4,), "masks"), "masks/score": ("float32", (), "masks"),
+          "masks/seed": ("int16", (3,), "masks"), "masks/seed_feature": ("float16", ("D",), "masks"),
+          "masks/rle_end": ("int64", (), "masks"), "rle/bytes": ("uint8", (), "rle")}
+
+
+def _count(value) -> bool:
+    """A non-negative int (not a bool), as counts in attrs and progress.json must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _ragged(strings: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     flat = np.frombuffer(b"".join(strings), dtype=np.uint8)
     return flat, np.cumsum([len(s) for s in strings], dtype=np.int64)
@@ -88,6 +103,33 @@ class PseudoLabelStore:
                              "regenerate the store with this version of sp")
         self.progress = self._read_progress()
         self._cache: dict[str, np.ndarray] = {}
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """Attributes, progress and every array's dtype and shape as this version writes them, so that readers
+        fail here with a StoreError rather than deep inside numpy or zarr."""
+        a, p = self.attrs, self.progress
+        if not (isinstance(a.get("settings"), dict) and isinstance(a.get("settings_hash"), str)
+                and _count(a.get("feature_dim")) and a["feature_dim"] > 0 and _count(a.get("num_images"))):
+            raise StoreError(f"{self.path}: damaged attributes (settings, settings_hash, feature_dim, num_images)")
+        if not (all(_count(p.get(k)) for k in ("images_done", "masks_done", "rle_bytes"))
+                and isinstance(p.get("complete"), bool) and isinstance(p.get("skipped"), dict)
+                and all(k.isdigit() and isinstance(v, str) for k, v in p["skipped"].items())
+                and p["images_done"] <= a["num_images"]):
+            raise StoreError(f"{self.path}/progress.json is damaged")
+        need = {"images": a["num_images"], "masks": p["masks_done"], "rle": p["rle_bytes"], "names": 0}
+        for name, (dtype, tail, length) in ARRAYS.items():
+            try:
+                arr = self.root[name]
+                shape, found = arr.shape, arr.dtype
+            except Exception as e:  # noqa: BLE001 - any zarr failure (missing, bad metadata): a damaged store
+                raise StoreError(f"{self.path}: array {name} cannot be opened ({type(e).__name__}: {e})") from None
+            tail = tuple(a["feature_dim"] if t == "D" else t for t in tail)
+            exact = length == "images"
+            if (found != dtype or shape[1:] != tail or shape[0] < need[length]
+                    or (exact and shape[0] != need[length])):
+                raise StoreError(f"{self.path}: array {name} is {found} {shape}, expected {dtype} with "
+                                 f"{'' if exact else 'at least '}{need[length]} rows of shape {tail}")
 
     # ---- creation and opening -------------------------------------------------------------------------
     @classmethod
@@ -139,8 +181,19 @@ class PseudoLabelStore:
     def open(cls, path: Path) -> "PseudoLabelStore":
         path = Path(path)
         if not (path / "zarr.json").is_file() or not (path / "progress.json").is_file():
+            from store.merge import PART_GLOB  # merge builds on this module
+
+            parts = sorted(p.name for p in path.parent.glob(PART_GLOB.format(stem=path.stem)))
+            if parts and not path.exists():
+                raise StoreError(f"{path} does not exist yet, only {len(parts)} part store(s) of it "
+                                 f"({', '.join(parts[:3])}{', ...' if len(parts) > 3 else ''}): finish every "
+                                 f"`sp gen-masks --shard I/N`, then run `sp store merge {path}`")
             raise StoreError(f"{path} is not a pseudo-label store (no zarr.json or progress.json)")
-        return cls(path, zarr.open_group(str(path), mode="r+"))
+        try:
+            root = zarr.open_group(str(path), mode="r+")
+        except Exception as e:  # noqa: BLE001 - any zarr failure on its metadata: a damaged store
+            raise StoreError(f"{path}: its zarr metadata cannot be read ({type(e).__name__}: {e})") from None
+        return cls(path, root)
 
     @classmethod
     def open_for_append(cls, path: Path, file_names: list[str], settings: dict, feature_dim: int,
@@ -162,8 +215,14 @@ class PseudoLabelStore:
 
     # ---- progress ---------------------------------------------------------------------------------------
     def _read_progress(self) -> dict:
-        with open(self.path / "progress.json") as f:
-            return json.load(f)
+        try:
+            with open(self.path / "progress.json") as f:
+                progress = json.load(f)
+        except ValueError as e:  # bad JSON or bad UTF-8
+            raise StoreError(f"{self.path}/progress.json is damaged ({e})") from None
+        if not isinstance(progress, dict):
+            raise StoreError(f"{self.path}/progress.json is damaged (not an object)")
+        return progress
 
     def _write_progress(self, progress: dict) -> None:
         tmp = self.path / "progress.json.tmp"
@@ -242,15 +301,42 @@ class PseudoLabelStore:
         self._write_progress({**p, "complete": True})
 
     # ---- reading ----------------------------------------------------------------------------------------
-    def _load(self, name: str, length: int) -> np.ndarray:
+    def _read(self, name: str, start: int | None, stop: int | None) -> np.ndarray:
+        try:
+            return self.root[name][start:stop]
+        except Exception as e:  # noqa: BLE001 - undecodable or missing chunks: a damaged store, say which array
+            raise StoreError(f"{self.path}: array {name} cannot be read ({type(e).__name__}: {e})") from None
+
+    def _load(self, name: str, length: int | None) -> np.ndarray:
+        """Rows :length of an array, read once, with its values checked (offsets ascend and stay in range)."""
         if name not in self._cache:
-            self._cache[name] = self.root[name][:length]
+            values = self._read(name, None, length)
+            ends = {"images/name_end": self.root["images/name_bytes"].shape[0],
+                    "images/mask_end": self.progress["masks_done"], "masks/rle_end": self.progress["rle_bytes"]}
+            bad = ""
+            if name in ends and len(values):
+                exact = name != "images/name_end"
+                if values[0] < 0 or (np.diff(values) < 0).any() or values[-1] > ends[name] \
+                        or (exact and values[-1] != ends[name]):
+                    bad = f"offsets do not ascend from 0 to {ends[name]}"
+            elif name == "images/status" and not np.isin(values, (PENDING, DONE, SKIPPED)).all():
+                bad = "status values other than 0, 1, 2"
+            elif name in ("images/height", "images/width") and (values < 0).any():
+                bad = "negative sizes"
+            elif name in ("masks/box", "masks/score") and not np.isfinite(values).all():
+                bad = "values that are not finite"
+            if bad:
+                raise StoreError(f"{self.path}: array {name} is damaged: {bad}")
+            self._cache[name] = values
         return self._cache[name]
 
     @property
     def file_names(self) -> list[str]:
         names = _unragged(self._load("images/name_bytes", None), self._load("images/name_end", None))
-        return [n.decode() for n in names]
+        try:
+            return [n.decode() for n in names]
+        except UnicodeDecodeError:
+            raise StoreError(f"{self.path}: array images/name_bytes is damaged: names that are not UTF-8") from None
 
     def image_array(self, name: str) -> np.ndarray:
         """height, width, status or mask_end of the committed images, as numpy."""
@@ -273,7 +359,7 @@ class PseudoLabelStore:
         a, b = offset[start], offset[stop]
         end = self.mask_array("rle_end")
         first = end[a - 1] if a > 0 else 0
-        data = self.root["rle/bytes"][first:end[b - 1]] if b > a else np.zeros(0, np.uint8)
+        data = self._read("rle/bytes", first, end[b - 1]) if b > a else np.zeros(0, np.uint8)
         strings = _unragged(data, end[a:b] - first)
         return [strings[offset[i] - a:offset[i + 1] - a] for i in range(start, stop)]
 
@@ -284,4 +370,4 @@ class PseudoLabelStore:
     def seed_features(self, image: int) -> np.ndarray:
         """(K, D) float16 seed features of one image, read with one slice."""
         a, b = self.mask_offset[image:image + 2]
-        return self.root["masks/seed_feature"][a:b]
+        return self._read("masks/seed_feature", a, b)

@@ -45,6 +45,42 @@ def real_photos(tmp_path_factory) -> Path:
     return folder
 
 
+def write_png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG of (H, W) or (H, W, 3) uint16 pixels (Pillow writes 16-bit grayscale only)."""
+    import struct
+    import zlib
+
+    h, w = pixels.shape[:2]
+    color = 2 if pixels.ndim == 3 else 0
+    raw = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="session")
+def image_modes(tmp_path_factory) -> Path:
+    """One photo (scikit-image's cat, 60x90) in every mode labeled data comes in: RGB, grayscale, RGBA, palette,
+    16-bit grayscale and RGB PNG, CMYK JPEG, and a JPEG whose EXIF says "rotate 90°" (stored 60x90)."""
+    data = pytest.importorskip("skimage.data", reason="scikit-image (the test extra) gives the real photos")
+    folder = tmp_path_factory.mktemp("modes")
+    rgb = Image.fromarray(data.chelsea()).resize((90, 60), Image.BILINEAR)
+    rgb.save(folder / "rgb.png")
+    rgb.convert("L").save(folder / "gray.png")
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(folder / "palette.png")
+    write_png16(folder / "gray16.png", np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
+    write_png16(folder / "rgb16.png", np.asarray(rgb).astype(np.uint16) * 257)
+    rgb.convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rgb.save(folder / "exif_rotated.jpg", quality=95, exif=exif)
+    return folder
+
+
 @pytest.fixture
 def one_thread():
     """Small CPU models train far faster on one thread when another process shares the two cores."""

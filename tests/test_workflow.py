@@ -33,7 +33,7 @@ def job_counts(output: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
-STAGE1 = {"demo_data": 1, "gen_masks_shard": 2, "merge_store": 1}
+STAGE1 = {"demo_data": 1, "check_labels": 1, "gen_masks_shard": 2, "merge_store": 1}
 TRAINING = {**STAGE1, "pretrain_run": 1, "finetune_run": 2}
 
 
@@ -55,7 +55,7 @@ def test_the_low_data_experiment_has_every_row_and_seed(tmp_path):
     """Two stores, six pre-training runs and eight fine-tuning rows, each for both seeds."""
     experiment = yaml.safe_load((REPO / "experiments" / "low_data.yaml").read_text())
     counts = job_counts(snakemake(tmp_path, "all", config=experiment))
-    assert counts == {"demo_data": 1, "gen_masks_shard": 4, "merge_store": 2, "store_quality": 2, "pretrain_run": 12,
+    assert counts == {"demo_data": 1, "check_labels": 1, "gen_masks_shard": 4, "merge_store": 2, "store_quality": 2, "pretrain_run": 12,
                       "finetune_run": 16, "evaluate_run": 16, "results_table": 1, "all": 1}
 
 

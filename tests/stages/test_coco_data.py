@@ -5,7 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
+from stages.coco_check import CocoError
 from stages.coco_data import CocoInstances
+from stages.image_data import ImageFolder
 from stages.pseudo_label_data import collate_training
 
 
@@ -61,6 +63,25 @@ def test_flip_and_rotation_move_masks_with_the_image(tiny_coco):
 
 def test_a_file_of_another_size_is_an_error_naming_it(tiny_coco):
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tiny_coco / "a.png")
-    ds = CocoInstances(tiny_coco / "ann.json", tiny_coco, 40, 60)
+    with pytest.raises(CocoError, match=r"image 5 'a.png' \(file 10x10, JSON 40x60\)"):
+        CocoInstances(tiny_coco / "ann.json", tiny_coco, 40, 60)  # checked before anything is read
+    # a dataset dict counts as checked: a file that changed since still fails when read, naming itself
+    ds = CocoInstances(json.loads((tiny_coco / "ann.json").read_text()), tiny_coco, 40, 60)
     with pytest.raises(ValueError, match="a.png is 10x10, its labels say 40x60"):
         ds[ds.file_names.index("a.png")]
+
+
+def test_labeled_images_of_every_mode_load_exactly_as_in_stage_1(image_modes, tmp_path):
+    """Grayscale, RGBA, palette, 16-bit, CMYK and EXIF-rotated files pass the check with their stored size and
+    give the very tensors that stage 1 (ImageFolder) makes of them."""
+    names = sorted(p.name for p in image_modes.iterdir())
+    data = {"images": [{"id": i, "file_name": n, "height": 60, "width": 90} for i, n in enumerate(names, 1)],
+            "annotations": [{"id": i, "image_id": i, "category_id": 1, "segmentation": [[10, 10, 40, 10, 40, 30]]}
+                            for i in range(1, len(names) + 1)],
+            "categories": [{"id": 1, "name": "cat"}]}
+    (tmp_path / "modes.json").write_text(json.dumps(data))
+    labeled = CocoInstances(tmp_path / "modes.json", image_modes, image_size=48, max_size=72, flip_prob=0.0)
+    unlabeled = ImageFolder(image_modes, labeled.file_names, image_size=48, max_size=72)
+    for k in range(len(labeled)):
+        assert torch.equal(labeled[k]["image"], unlabeled[k]["image"]), labeled.file_names[k]
+        assert labeled[k]["masks"].shape == (1, 48, 72)

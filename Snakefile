@@ -14,6 +14,9 @@ RES = config["results"]
 THREADS = int(config["threads"])
 NSHARDS = int(config["shards"])
 SEEDS = [int(s) for s in config["seeds"]]
+# pre-training runs once per seed of pretrain_seeds (default: seeds); fine-tuning seed s starts from the
+# pre-training of seed s where there is one, else of pretrain_seeds[0]
+PRETRAIN_SEEDS = [int(s) for s in config.get("pretrain_seeds") or SEEDS]
 DEMO = config["demo_data"]["dir"]
 GPUS = 0 if config["device"] == "cpu" else int(config["nproc_per_node"])  # per training job
 PRETRAIN_KEYS = ["small_models", "pretrain_epochs", "pretrain_batch_size", "pretrain_lr_steps",
@@ -61,7 +64,7 @@ for name, over in named("pretrain_runs", ["store", "model", *PRETRAIN_KEYS]).ite
     PRETRAIN_OF[name] = f"{store}-{settings_hash(settings)}"
     PRETRAIN_SETTINGS[PRETRAIN_OF[name]] = dict(settings, store=store, model=PRETRAIN_MODEL[name])
 
-RUNS = named("finetune_runs", ["model", "init"])
+RUNS = named("finetune_runs", ["model", "init", "percent", "class_agnostic"])
 for name, run in RUNS.items():
     if run.get("init") and run["init"] not in PRETRAIN_OF:
         raise ValueError(f"config finetune_runs: {name} starts from unknown pre-training run {run['init']}")
@@ -126,11 +129,21 @@ def pretrain_cmd(w):
                     backbone_weights=WEIGHTS, **COMMON))
 
 
+def train_ann(run):
+    """The run's labeled file: train_ann, or its `percent` % split (sp split, seed split_seed)."""
+    if not RUNS[run].get("percent"):
+        return config["train_ann"]
+    stem = os.path.splitext(os.path.basename(config["train_ann"]))[0]
+    return f"{RES}/splits/{stem}.{config['split_seed']}@{RUNS[run]['percent']:g}_labeled.json"
+
+
 def finetune_cmd(w, input):
-    return (f"finetune --train-ann {config['train_ann']} --train-images {config['train_images']} "
+    run = RUNS[w.run]
+    return (f"finetune --train-ann {input.ann} --train-images {config['train_images']} "
             f"--val-ann {config['val_ann']} --val-images {config['val_images']} "
             f"--out {RES}/finetune/{w.run}/seed{w.seed} --resume --overwrite "
-            + flags(model=RUNS[w.run]["model"], small=truthy(config["small_models"]), init=input.init or "",
+            + flags(model=run["model"], class_agnostic=truthy(run.get("class_agnostic", False)),
+                    eval_at=config["finetune_eval_at"], small=truthy(config["small_models"]), init=input.init or "",
                     backbone=BACKBONE, backbone_weights=WEIGHTS, epochs=config["finetune_epochs"],
                     batch_size=config["finetune_batch_size"],
                     lr_steps=config["finetune_lr_steps"], warmup_steps=config["finetune_warmup_steps"],
@@ -156,8 +169,27 @@ def demo_input(path):
     return f"{DEMO}/annotations/train.json" if str(path).startswith(DEMO.rstrip("/") + "/") else []
 
 
+# The pre-trained K-Nets themselves, class-agnostic on the evaluation set (the paper's Table 6), and figures:
+# kernel maps (Figure 6), side-by-side predictions and pre-training loss curves, of seed SEEDS[0].
+PRETRAIN_EVALS = ([f"{RES}/eval_pretrain/{name}/seed{PRETRAIN_SEEDS[0]}.json" for name in PRETRAIN_OF
+                   if PRETRAIN_MODEL[name] == "knet"] if truthy(config["pretrain_evals"]) else [])
+FIGURES = config["figures"]  # kernel_maps: [fine-tuning runs], kernel_maps_pretrain: [pre-training runs], compare: [...]
+FIGURE_FILES = ([f"{RES}/figures/kernel_maps.png"] if FIGURES.get("kernel_maps") or FIGURES.get("kernel_maps_pretrain")
+                else []) + ([f"{RES}/figures/compare.png"] if FIGURES.get("compare") else []) + \
+               ([f"{RES}/figures/pretrain_losses.png"] if PRETRAIN_OF and FIGURES else [])
+
+
+def finetuned(run, seed=SEEDS[0]):
+    return f"{RES}/finetune/{run}/seed{seed}/final.pth"
+
+
+def pretrained(name, seed=PRETRAIN_SEEDS[0]):
+    seed = seed if seed in PRETRAIN_SEEDS else PRETRAIN_SEEDS[0]
+    return f"{RES}/pretrain/{PRETRAIN_OF[name]}/seed{seed}/final.pth"
+
+
 STORES = [f"{RES}/stores/{h}.zarr.done" for h in STORE_SETTINGS]
-PRETRAINS = [f"{RES}/pretrain/{key}/seed{seed}/final.pth" for key in PRETRAIN_SETTINGS for seed in SEEDS]
+PRETRAINS = [f"{RES}/pretrain/{key}/seed{seed}/final.pth" for key in PRETRAIN_SETTINGS for seed in PRETRAIN_SEEDS]
 FINETUNES = [f"{RES}/finetune/{run}/seed{seed}/final.pth" for run in RUNS for seed in SEEDS]
 EVALS = [f"{RES}/eval/{run}/seed{seed}.json" for run in RUNS for seed in SEEDS]
 
@@ -168,10 +200,12 @@ wildcard_constraints:
     store=r"[0-9a-f]{12}",
     key=r"[0-9a-f]{12}-[0-9a-f]{12}",
     run="|".join(RUNS),
+    prun="|".join(PRETRAIN_OF) or "none",
+    percent=r"\d+(\.\d+)?",
 
 
 rule all:
-    input: f"{RES}/results.md"
+    input: f"{RES}/results.md", [f"{RES}/results_pretrained.md"] if PRETRAIN_EVALS else [], FIGURE_FILES
 
 rule demo:
     input: f"{RES}/results.md"
@@ -240,12 +274,17 @@ rule pretrain_run:
     params: sp=sp(int(config["nproc_per_node"])), cmd=pretrain_cmd
     shell: "OMP_NUM_THREADS={threads} {params.sp} {params.cmd}"
 
+rule split_labels:
+    input: config["train_ann"], LABELS_CHECKED
+    output: f"{RES}/splits/{{stem}}.{{seed}}@{{percent}}_labeled.json"
+    params: out=f"{RES}/splits"
+    shell: "sp split {input[0]} --out {params.out} --percent {wildcards.percent} --seed {wildcards.seed}"
+
 rule finetune_run:
     input:
-        ann=config["train_ann"],
+        ann=lambda w: train_ann(w.run),
         checked=LABELS_CHECKED,
-        init=lambda w: (f"{RES}/pretrain/{PRETRAIN_OF[RUNS[w.run]['init']]}/seed{w.seed}/final.pth"
-                        if RUNS[w.run].get("init") else []),
+        init=lambda w: pretrained(RUNS[w.run]["init"], int(w.seed)) if RUNS[w.run].get("init") else [],
     output: f"{RES}/finetune/{{run}}/seed{{seed}}/final.pth"
     threads: THREADS
     resources:
@@ -270,3 +309,39 @@ rule results_table:
     output: f"{RES}/results.md", f"{RES}/results.json"
     params: cmd=table_cmd
     shell: "{params.cmd}"
+
+rule evaluate_pretrain:
+    input: lambda w: pretrained(w.prun, int(w.seed))
+    output: f"{RES}/eval_pretrain/{{prun}}/seed{{seed}}.json"
+    threads: THREADS
+    shell:
+        "OMP_NUM_THREADS={threads} sp evaluate {input} --ann {config[val_ann]} --images {config[val_images]} "
+        "--out {output} --workers 0 --device {config[device]}"
+
+rule pretrained_table:
+    input: PRETRAIN_EVALS
+    output: f"{RES}/results_pretrained.md"
+    params: names=",".join(name for name in PRETRAIN_OF if PRETRAIN_MODEL[name] == "knet")
+    shell: "sp table {input} --names {params.names} --out {RES}/results_pretrained"
+
+rule kernel_maps:
+    input: [finetuned(r) for r in FIGURES.get("kernel_maps", [])] + [pretrained(p) for p in FIGURES.get("kernel_maps_pretrain", [])]
+    output: f"{RES}/figures/kernel_maps.png"
+    params: names=",".join(FIGURES.get("kernel_maps", []) + [f"pretrain:{p}" for p in FIGURES.get("kernel_maps_pretrain", [])])
+    threads: THREADS
+    shell: "OMP_NUM_THREADS={threads} sp kernel-maps {input} --images {config[val_images]} --names {params.names} --out {output} --workers 0 --device {config[device]}"
+
+rule compare:
+    input: [finetuned(r) for r in FIGURES.get("compare", [])]
+    output: f"{RES}/figures/compare.png"
+    params: names=",".join(FIGURES.get("compare", [])), files=flags(files=",".join(FIGURES.get("compare_files", [])))
+    threads: THREADS
+    shell:
+        "OMP_NUM_THREADS={threads} sp compare {input} --images {config[val_images]} --ann {config[val_ann]} "
+        "--names {params.names} {params.files} --out {output} --workers 0 --device {config[device]}"
+
+rule pretrain_losses:
+    input: [pretrained(p) for p in PRETRAIN_OF]
+    output: f"{RES}/figures/pretrain_losses.png"
+    params: dirs=lambda w, input: " ".join(os.path.dirname(f) for f in input), names=",".join(PRETRAIN_OF)
+    shell: "sp plot-losses {params.dirs} --names {params.names} --out {output}"

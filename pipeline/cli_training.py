@@ -135,6 +135,8 @@ def finetune_cmd(
                                                   "for K-Net on COCO).")] = 0.5,
     max_per_image: Annotated[int, typer.Option(help="Detections kept per image (top-k over queries x classes).")] = 100,
     eval_every: Annotated[int, typer.Option(min=1, help="Evaluate on the validation set every N epochs.")] = 1,
+    eval_at: Annotated[Optional[list[int]], typer.Option(help="Evaluate after these epochs (repeat the option) "
+                                                         "and the last, instead of every --eval-every.")] = None,
     workers: Workers = 2,
     device: Device = "auto",
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and augmentation.")] = 0,
@@ -144,6 +146,8 @@ def finetune_cmd(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth exactly where it stopped (a run with "
                                          "other settings is refused).")] = False,
     overwrite: Overwrite = False,
+    class_agnostic: Annotated[bool, typer.Option(help="Merge all categories into one ('fg') for training and "
+                                                 "evaluation: the localisation and shape prior alone.")] = False,
     skip_bad: SkipBad = False,
     decode_images: DecodeImages = False,
 ):
@@ -160,7 +164,8 @@ def finetune_cmd(
         flip_prob=flip_prob, rotate_deg=rotate, image_size=image_size, max_size=max_size,
         mask_threshold=mask_threshold, max_per_image=max_per_image, eval_every=eval_every, workers=workers,
         device=resolve_device(device), seed=seed, log_every=log_every, checkpoint_every=checkpoint_every,
-        keep_every=keep_every, resume=resume, overwrite=overwrite, skip_bad=skip_bad, decode_images=decode_images)
+        keep_every=keep_every, resume=resume, overwrite=overwrite, skip_bad=skip_bad, decode_images=decode_images,
+        class_agnostic=class_agnostic, eval_at=tuple(eval_at or ()))
     try:
         final = finetune(cfg)
     except (ValueError, OSError, FloatingPointError) as e:
@@ -185,10 +190,16 @@ def evaluate_cmd(
     skip_bad: Annotated[bool, typer.Option(help="Leave out the images and annotations that the up-front check "
                                            "finds bad (listed in OUT's *.skipped.json), instead of stopping; "
                                            "AP is then that of the rest.")] = False,
+    class_agnostic: Annotated[bool, typer.Option(help="Merge all categories into one (and every prediction into "
+                                                 "it): class-agnostic AP. Automatic for a model fine-tuned with "
+                                                 "--class-agnostic and for a `sp pretrain` checkpoint (the paper's "
+                                                 "Table 6), which this command also evaluates.")] = False,
     decode_images: DecodeImages = False,
 ):
-    """Mask and box AP, AP50, AP75, APs, APm, APl of a fine-tuned model (faster-coco-eval when installed)."""
+    """Mask and box AP, AP50, AP75, APs, APm, APl of a fine-tuned (or, class-agnostic, a pre-trained) model
+    (faster-coco-eval when installed)."""
     from stages.coco_check import EVALUATION, load_checked_coco, same_categories, write_skipped
+    from stages.coco_data import one_class
     from stages.evaluate import format_ap_table
     from stages.finetune import evaluate_model
     from stages.inference import load_checkpoint_model
@@ -196,12 +207,15 @@ def evaluate_cmd(
     try:
         dev = resolve_device(device)
         checked = load_checked_coco(ann, images, EVALUATION, skip_bad, decode_images)
-        model, state = load_checkpoint_model(checkpoint, dev)
-        same_categories(state["categories"], checked.data["categories"], f"{checkpoint} and --ann {ann}")
+        model, state = load_checkpoint_model(checkpoint, dev, pretrained_ok=True)
         args = state["args"]
-        metrics, results = evaluate_model(model, state["model_kind"], checked.data, images,
-                                          image_size or args["image_size"], max_size or args["max_size"], dev,
-                                          batch_size, workers, state["categories"])
+        # a pre-trained model has one class, 'fg': it is scored class-agnostically, as the paper's Table 6
+        agnostic = class_agnostic or state["kind"] == "sp-pretrain" or args.get("class_agnostic", False)
+        data = one_class(checked.data) if agnostic else checked.data
+        if not agnostic:
+            same_categories(state["categories"], data["categories"], f"{checkpoint} and --ann {ann}")
+        metrics, results = evaluate_model(model, state["model_kind"], data, images, image_size or args["image_size"],
+                                          max_size or args["max_size"], dev, batch_size, workers, data["categories"])
     except (ValueError, OSError) as e:
         fail(str(e))
     typer.echo(format_ap_table(metrics))
@@ -370,6 +384,8 @@ def split(
     ids_file: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="Labeled image ids: text "
                                                      "(one per line, # comments), JSON list, or Unbiased-Teacher "
                                                      "COCO_supervision.txt (needs --percent and --seed).")] = None,
+    class_agnostic: Annotated[bool, typer.Option(help="Write both parts with all categories merged into one "
+                                                 "('fg'); names gain '.agnostic'.")] = False,
     skip_bad: Annotated[bool, typer.Option(help="Leave the images and annotations that the check of the file finds "
                                            "bad out of both parts (listed in OUT/STEM.skipped.json), instead of "
                                            "stopping.")] = False,
@@ -378,7 +394,7 @@ def split(
     from stages.split import split_command
 
     try:
-        labeled, unlabeled = split_command(instances, out, percent, seed, ids_file, skip_bad)
+        labeled, unlabeled = split_command(instances, out, percent, seed, ids_file, skip_bad, class_agnostic)
     except (ValueError, OSError) as e:
         fail(str(e))
     typer.echo(f"{labeled}\n{unlabeled}")

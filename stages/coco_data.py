@@ -19,6 +19,15 @@ from models.saliency import mask_boxes
 from stages.coco_check import checked_data
 from stages.image_data import load_image, network_input, resize_masks
 from stages.import_coco import annotation_mask
+from store.export import FG_CATEGORY
+
+
+def one_class(data: dict) -> dict:
+    """The class-agnostic form of a COCO dataset dict: every annotation in the one category 'fg' (id 1) that
+    pseudo masks have too, so that training and AP measure localisation and shape alone. The dict passed in
+    is not changed."""
+    return {**data, "categories": [dict(FG_CATEGORY)],
+            "annotations": [{**a, "category_id": FG_CATEGORY["id"]} for a in data["annotations"]]}
 
 
 class CocoInstances(Dataset):

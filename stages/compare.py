@@ -12,7 +12,7 @@ from PIL import Image
 
 from models.saliency import mask_boxes
 from pipeline.plots import image_grid
-from stages.coco_data import load_instances
+from stages.coco_check import checked_data
 from stages.image_data import list_images, load_image
 from stages.import_coco import annotation_mask
 from stages.inference import load_checkpoint_model, predict_images
@@ -55,7 +55,7 @@ def prediction_overlays(checkpoint: Path, images_dir: Path, files: list[str], sc
 
 def ground_truth_overlays(ann: Path, images_dir: Path, files: list[str]) -> list[Image.Image]:
     """One overlay per file of its annotated instances (crowd regions included), captioned with class names."""
-    data = load_instances(ann)
+    data = checked_data(Path(ann), images_dir)
     by_name = {img["file_name"]: img for img in data["images"]}
     class_name = {c["id"]: c["name"] for c in data["categories"]}
     per_image: dict[int, list[dict]] = {}

@@ -13,7 +13,8 @@ from pycocotools.coco import COCO
 
 from stages.coco_check import MASK_GT, checked_data
 from stages.evaluate import STAT_NAMES, _quiet, coco_evaluate, format_ap_table
-from store.export import FG_CATEGORY, gt_image_ids, to_coco_results
+from stages.coco_data import one_class
+from store.export import gt_image_ids, to_coco_results
 from store.pseudo_label_store import DONE, PseudoLabelStore
 
 log = logging.getLogger(__name__)
@@ -25,10 +26,8 @@ def class_agnostic_gt(gt: dict | Path) -> dict:
 
     Annotations without 'iscrowd' count as 0 and those without 'area' get their mask area, as COCOeval
     needs both."""
-    dataset = checked_data(gt, needs=MASK_GT)
-    dataset = {**dataset, "categories": [dict(FG_CATEGORY)],
-               "annotations": [{**a, "category_id": FG_CATEGORY["id"], "iscrowd": a.get("iscrowd", 0)}
-                               for a in dataset["annotations"]]}
+    dataset = one_class(checked_data(gt, needs=MASK_GT))
+    dataset["annotations"] = [{**a, "iscrowd": a.get("iscrowd", 0)} for a in dataset["annotations"]]
     if any("area" not in a for a in dataset["annotations"]):
         gt = COCO()
         gt.dataset = dataset

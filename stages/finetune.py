@@ -22,7 +22,7 @@ from models.build import build_query_model, query_model_config
 from models.maskrcnn import MaskRCNNConfig, build_maskrcnn_adapter, maskrcnn_optimizer
 from pipeline.plots import line_chart
 from stages.coco_check import EVALUATION, TRAINING, checked_data, load_checked_coco, same_categories, write_skipped
-from stages.coco_data import CocoInstances
+from stages.coco_data import CocoInstances, one_class
 from stages.evaluate import coco_evaluate, predictions_to_results
 from stages.inference import predict_images, unnormalise
 from stages.pseudo_label_data import collate_training
@@ -58,7 +58,9 @@ class FinetuneConfig(LoopConfig):
     mask_threshold: float = 0.5  # query models' test-time mask threshold; the authors use 0.3 for K-Net on COCO
     max_per_image: int = 100
     eval_every: int = 1
+    eval_at: tuple[int, ...] = ()  # evaluate after these epochs (and the last) instead of every eval_every
     device: str = "cpu"
+    class_agnostic: bool = False  # all categories merged into one ('fg') for training and evaluation
     skip_bad: bool = False  # leave out (and list in skipped.json) the images and annotations the check names
     decode_images: bool = False  # the up-front check decodes every image, not just headers and file ends
 
@@ -154,7 +156,8 @@ def evaluate_model(model: nn.Module, kind: str, ann: Path | dict, images: Path, 
     sorted order); the set's must be the same. Default: the set's own.
 
     batch_size 1 by default: in a padded batch, K-Net's mask pooling and the GroupNorm statistics of its
-    necks see the padding, so an image's predictions would depend on the image it is batched with."""
+    necks see the padding, so an image's predictions would depend on the image it is batched with. With one
+    category (class-agnostic evaluation) every prediction counts as that category, whatever the model's class."""
     data = checked_data(ann, images, EVALUATION)
     if categories is not None:
         same_categories(categories, data["categories"], "the model's categories and the evaluation set's")
@@ -164,6 +167,8 @@ def evaluate_model(model: nn.Module, kind: str, ann: Path | dict, images: Path, 
     results = []
     for index, prediction in predict_images(model, kind, images, names, image_size, max_size, device,
                                             batch_size, workers):
+        if len(category_ids) == 1:
+            prediction["labels"] = torch.zeros_like(prediction["labels"])
         # RLE at once: the full-size masks of a whole evaluation set would not fit in memory
         results += predictions_to_results([prediction], [images_sorted[index]["id"]], category_ids)
     return coco_evaluate(data, results), results
@@ -176,8 +181,9 @@ def finetune(cfg: FinetuneConfig) -> Path:
     train = load_checked_coco(cfg.train_ann, cfg.train_images, TRAINING, cfg.skip_bad, cfg.decode_images)
     val = load_checked_coco(cfg.val_ann, cfg.val_images, EVALUATION, cfg.skip_bad, cfg.decode_images)
     same_categories(train.data["categories"], val.data["categories"], f"{cfg.train_ann} and {cfg.val_ann}")
+    train_data, val_data = (one_class(train.data), one_class(val.data)) if cfg.class_agnostic else (train.data, val.data)
     seed_everything(cfg.seed)
-    dataset = CocoInstances(train.data, cfg.train_images, cfg.image_size, cfg.max_size, cfg.flip_prob,
+    dataset = CocoInstances(train_data, cfg.train_images, cfg.image_size, cfg.max_size, cfg.flip_prob,
                             cfg.rotate_deg, cfg.seed)
     model, model_config, optimizer = build(cfg, len(dataset.categories))
     prepare_run_folder(cfg, "sp-finetune", config_dict(cfg), dist.main)
@@ -192,9 +198,10 @@ def finetune(cfg: FinetuneConfig) -> Path:
              "categories": dataset.categories, "kind": "sp-finetune", **weights_record(cfg.backbone_weights)}
 
     def on_epoch_end(epoch: int) -> dict:
-        if not dist.main or (epoch % cfg.eval_every and epoch != cfg.epochs):
+        due = epoch in cfg.eval_at if cfg.eval_at else epoch % cfg.eval_every == 0
+        if not dist.main or not (due or epoch == cfg.epochs):
             return {}
-        metrics, _ = evaluate_model(model, cfg.model, val.data, cfg.val_images, cfg.image_size, cfg.max_size,
+        metrics, _ = evaluate_model(model, cfg.model, val_data, cfg.val_images, cfg.image_size, cfg.max_size,
                                     dist.device, workers=cfg.workers, categories=dataset.categories)
         record = {f"{t}_{k}": v for t in ("segm", "bbox") for k, v in metrics[t].items()}
         log.info("epoch %d: mask AP %.1f, box AP %.1f", epoch, record["segm_AP"], record["bbox_AP"])

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.coco_check import TRAINING, load_checked_coco, write_skipped
+from stages.coco_data import one_class
 
 log = logging.getLogger(__name__)
 
@@ -148,18 +149,19 @@ def write_split(labeled: dict, unlabeled: dict, out_dir: Path, stem: str) -> tup
 
 
 def split_command(instances: Path, out_dir: Path, percent: float | None, seed: int,
-                  ids_file: Path | None, skip_bad: bool = False) -> tuple[Path, Path]:
+                  ids_file: Path | None, skip_bad: bool = False, class_agnostic: bool = False) -> tuple[Path, Path]:
     """`sp split`: a random percent split, or the images named by ids_file (where percent and seed pick the
     entry of an Unbiased-Teacher file). Output stem: `{instances stem}.{seed}@{percent}`, or
     `{instances stem}.{ids_file stem}` for a plain id list.
 
     The file is checked first (`stages.coco_check`); with skip_bad, the images and annotations it names are in
     neither part (skipped ids in an id list are dropped from it) and are listed in `{stem}.skipped.json`. An
-    Unbiased-Teacher file counts the images of the whole file, so it cannot be combined with skipping."""
+    Unbiased-Teacher file counts the images of the whole file, so it cannot be combined with skipping.
+    class_agnostic: both parts have every annotation in one category 'fg' (stem suffix `.agnostic`)."""
     if ids_file is None and percent is None:
         raise ValueError("give a percent or an ids file")
     checked = load_checked_coco(instances, needs=TRAINING, skip_bad=skip_bad)
-    dataset = checked.data
+    dataset = one_class(checked.data) if class_agnostic else checked.data
     base = Path(instances).stem
     if ids_file is None:
         labeled, unlabeled = split_by_percent(dataset, percent, seed)
@@ -171,6 +173,7 @@ def split_command(instances: Path, out_dir: Path, percent: float | None, seed: i
         ids = [i for i in read_id_list(ids_file, dataset, percent, seed) if i not in skipped]
         labeled, unlabeled = split_by_ids(dataset, ids)
     stem = f"{base}.{seed}@{percent:g}" if percent is not None else f"{base}.{Path(ids_file).stem}"
+    stem += ".agnostic" if class_agnostic else ""
     paths = write_split(labeled, unlabeled, out_dir, stem)
     write_skipped({"instances": checked.skipped}, Path(out_dir) / f"{stem}.skipped.json")
     for name, part, path in zip(("labeled", "unlabeled"), (labeled, unlabeled), paths):

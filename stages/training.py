@@ -128,7 +128,7 @@ def read_checkpoint(path: Path, option: str, map_location: str = "cpu", mmap: bo
 # schedule and the data order do not depend on it, so a longer resumed run equals a longer run. A store may
 # move: pre-training compares its settings hash instead. Other paths are compared as given.
 RESUMABLE_CHANGES = {"out", "resume", "overwrite", "epochs", "workers", "device", "log_every", "checkpoint_every",
-                     "keep_every", "eval_every", "skip_bad", "decode_images", "store"}
+                     "keep_every", "eval_every", "eval_at", "skip_bad", "decode_images", "store"}
 RUN_FILES = ("last.pth", "final.pth", "best.pth", "metrics.jsonl", "curve.png", "skipped.json", "tb")
 
 

@@ -351,7 +351,8 @@ def test_overwrite_replaces_a_run_and_resume_continues_a_matching_one(inputs):
 
 
 @pytest.mark.parametrize("argv_of, message", [
-    (lambda i: ["evaluate", str(i.root / "pre.pth"), "--ann", str(i.ann), "--images", str(i.images), *SMALL],
+    (lambda i: ["predict", str(i.root / "pre.pth"), str(i.images), "--out", str(i.root / "out"), "--workers", "0",
+                "--device", "cpu"],
      "is not a `sp finetune` checkpoint (kind 'sp-pretrain')"),
     (lambda i: i.finetune("--out", str(i.root / "out"), "--init", str(i.finished_run / "final.pth")),
      "is not a `sp pretrain` checkpoint (kind 'sp-finetune')"),
@@ -359,7 +360,8 @@ def test_overwrite_replaces_a_run_and_resume_continues_a_matching_one(inputs):
      "pre.pth"),
 ])
 def test_inputs_refused_before_stay_refused(inputs, argv_of, message):
-    """Checkpoints of the other stage, and a checkpoint given as backbone weights: clear errors already."""
+    """Checkpoints of the other stage, and a checkpoint given as backbone weights: clear errors already. (`sp
+    evaluate` takes a pre-training checkpoint: class-agnostic AP, tests/stages/test_finetune.py.)"""
     save_checkpoint(inputs.root / "pre.pth", {"kind": "sp-pretrain", "model": {}, "model_config": {}})
     result = runner.invoke(app, argv_of(inputs))
     assert result.exit_code == 2 and message in result.output, result.output

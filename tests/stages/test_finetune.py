@@ -216,3 +216,38 @@ def test_real_data_end_to_end(coco_subset, tmp_path, one_thread):
     print(f"K-Net (ImageNet Lite0) mask AP on its two real training photos after 40 steps: {records[-1]['segm_AP']:.1f}")
     assert losses[-1] < 0.6 * losses[0]
     assert records[-1]["segm_AP"] > 5.0
+
+
+def test_class_agnostic_finetuning_evaluates_when_asked_and_sp_evaluate_agrees(two_images, demo, tmp_path,
+                                                                                one_thread):
+    records = overfit("knet", two_images, demo["train"], tmp_path / "ca", epochs=3, lr=1e-3, class_agnostic=True,
+                      eval_at=(1,))
+    assert [r["epoch"] for r in records if "segm_AP" in r] == [1, 3]  # --eval-at 1, and the last epoch
+    state = torch.load(tmp_path / "ca" / "final.pth", weights_only=False)
+    assert state["categories"] == [{"id": 1, "name": "fg", "supercategory": "fg"}]
+    assert state["model_config"]["num_classes"] == 1
+    # sp evaluate scores it on the multi-class file class-agnostically, as fine-tuning did
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "ca" / "final.pth"), "--ann", str(two_images),
+                                      "--images", str(demo["train"]), "--out", str(tmp_path / "ca.json"),
+                                      "--workers", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "ca.json").read_text())["segm"]["AP"] == pytest.approx(records[-1]["segm_AP"])
+
+
+def test_a_pretrained_model_is_evaluated_class_agnostically(demo, tmp_path):
+    """The paper's Table 6: the pre-trained K-Net itself (one class, 'fg') against every object of the GT."""
+    from stages.coco_check import EVALUATION, checked_data
+    from stages.coco_data import one_class
+    from stages.inference import load_checkpoint_model
+    from tiny_checkpoints import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path / "pre.pth", kind="sp-pretrain", image_size=128, max_size=192)
+    result = CliRunner().invoke(app, ["evaluate", str(path), "--ann", str(demo["val_ann"]), "--images",
+                                      str(demo["val"]), "--out", str(tmp_path / "pre.json"), "--workers", "0",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    model, _ = load_checkpoint_model(path, "cpu", pretrained_ok=True)
+    data = one_class(checked_data(demo["val_ann"], demo["val"], EVALUATION))
+    want, _ = finetune_module.evaluate_model(model, "knet", data, demo["val"], 128, 192, "cpu", workers=0)
+    got = json.loads((tmp_path / "pre.json").read_text())
+    assert got["segm"] == pytest.approx(want["segm"], nan_ok=True) and got["bbox"] == pytest.approx(want["bbox"], nan_ok=True)

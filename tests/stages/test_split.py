@@ -150,3 +150,17 @@ def test_write_split_replaces_existing_files(tmp_path):
     write_split(unlabeled, labeled, tmp_path, "x")
     paths = write_split(labeled, unlabeled, tmp_path, "x")
     assert [json.loads(p.read_text()) for p in paths] == [labeled, unlabeled]
+
+
+def test_class_agnostic_split_merges_categories_over_the_same_images(tmp_path):
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps(make_coco(20)))
+    plain = split_command(instances, tmp_path / "out", percent=30, seed=1, ids_file=None)
+    merged = split_command(instances, tmp_path / "out", percent=30, seed=1, ids_file=None, class_agnostic=True)
+    assert merged[0].name == "instances.1@30.agnostic_labeled.json"
+    for a, b in zip(plain, merged):
+        a, b = json.loads(a.read_text()), json.loads(b.read_text())
+        assert a["images"] == b["images"]
+        assert b["categories"] == [{"id": 1, "name": "fg", "supercategory": "fg"}]
+        assert [x["category_id"] for x in b["annotations"]] == [1] * len(a["annotations"])
+        assert [{**x, "category_id": 1} for x in a["annotations"]] == b["annotations"]

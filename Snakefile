@@ -64,7 +64,7 @@ for name, over in named("pretrain_runs", ["store", "model", *PRETRAIN_KEYS]).ite
     PRETRAIN_OF[name] = f"{store}-{settings_hash(settings)}"
     PRETRAIN_SETTINGS[PRETRAIN_OF[name]] = dict(settings, store=store, model=PRETRAIN_MODEL[name])
 
-RUNS = named("finetune_runs", ["model", "init", "percent", "class_agnostic"])
+RUNS = named("finetune_runs", ["model", "init", "percent", "class_agnostic", "lr"])
 for name, run in RUNS.items():
     if run.get("init") and run["init"] not in PRETRAIN_OF:
         raise ValueError(f"config finetune_runs: {name} starts from unknown pre-training run {run['init']}")
@@ -142,7 +142,7 @@ def finetune_cmd(w, input):
     return (f"finetune --train-ann {input.ann} --train-images {config['train_images']} "
             f"--val-ann {config['val_ann']} --val-images {config['val_images']} "
             f"--out {RES}/finetune/{w.run}/seed{w.seed} --resume --overwrite "
-            + flags(model=run["model"], class_agnostic=truthy(run.get("class_agnostic", False)),
+            + flags(model=run["model"], class_agnostic=truthy(run.get("class_agnostic", False)), lr=run.get("lr"),
                     eval_at=config["finetune_eval_at"], small=truthy(config["small_models"]), init=input.init or "",
                     backbone=BACKBONE, backbone_weights=WEIGHTS, epochs=config["finetune_epochs"],
                     batch_size=config["finetune_batch_size"],

@@ -56,8 +56,8 @@ def training_step_fn(args, kind: str, stage: str, store, images):
     else:
         dataset = CocoInstances(demo / "annotations" / "train.json", demo / "train", args.image_size, args.max_size)
         num_classes, frozen = len(dataset.categories), 1
-    model_cfg = query_model_config(kind, small=args.config == "small", backbone="resnet50", num_classes=num_classes,
-                                   frozen_stages=frozen)
+    model_cfg = query_model_config(kind, small=args.config == "small", backbone=args.backbone,
+                                   num_classes=num_classes, frozen_stages=frozen)
     batch = collate_training([dataset[i % len(dataset)] for i in range(args.batch_size)])
     model = build_query_model(model_cfg).to(args.device).train()
     feature_dim = int(PseudoLabelStore.open(store).attrs["feature_dim"])
@@ -128,6 +128,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=["small", "default"], default="small")
     parser.add_argument("--models", nargs="+", choices=list(QUERY_MODELS), default=list(QUERY_MODELS))
+    parser.add_argument("--backbone", default="efficientnet_lite0", help="speed does not depend on the weights")
     parser.add_argument("--no-loader", action="store_true", help="skip the data-path comparison")
     parser.add_argument("--image-size", type=int, default=320)
     parser.add_argument("--max-size", type=int, default=533)

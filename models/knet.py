@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from models.backbone import build_backbone
 from models.fpn import FPN, ConvGNReLU, SemanticFusion
 from models.losses import knet_losses
-from models.query_model import PromptFn
+from models.query_model import PromptFn, maps_at_image_size
 from models.saliency import mask_boxes
 
 
@@ -208,11 +208,9 @@ class KNet(nn.Module):
             k = min(self.cfg.max_per_image, scores.numel())
             scores, idx = scores.topk(k)
             labels, kernel = idx % num_classes, idx // num_classes
-            probs = last["masks"][b, kernel][None].sigmoid()
-            probs = F.interpolate(probs, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            probs = F.interpolate(probs[..., :h, :w], size=(h0, w0), mode="bilinear", align_corners=False)
-            masks = probs[0] > self.cfg.mask_threshold_test
-            results.append(dict(scores=scores, labels=labels, masks=masks, boxes=mask_boxes(masks)))
+            probs, inverse = maps_at_image_size(last["masks"][b].sigmoid(), kernel, images.shape[-2:], (h, w), (h0, w0))
+            masks = probs > self.cfg.mask_threshold_test  # one per distinct kernel
+            results.append(dict(scores=scores, labels=labels, masks=masks[inverse], boxes=mask_boxes(masks)[inverse]))
         return results
 
 

@@ -24,7 +24,7 @@ from models.backbone import build_backbone
 from models.fpn import sine_position_encoding
 from models.mask2former_losses import mask2former_losses
 from models.pixel_decoder import PixelDecoder
-from models.query_model import PromptFn
+from models.query_model import PromptFn, maps_at_image_size
 from models.saliency import mask_boxes
 
 
@@ -191,14 +191,13 @@ class Mask2Former(nn.Module):
             k = min(self.cfg.max_per_image, class_scores.numel())
             scores, idx = class_scores.flatten().topk(k)
             labels, query = idx % num_classes, idx // num_classes
-            probs = F.interpolate(last["masks"][b, query][None].float(), size=images.shape[-2:], mode="bilinear",
-                                  align_corners=False)
-            probs = F.interpolate(probs[..., :h, :w], size=(h0, w0), mode="bilinear", align_corners=False)[0].sigmoid()
+            probs, inverse = maps_at_image_size(last["masks"][b], query, images.shape[-2:], (h, w), (h0, w0))
+            probs = probs.sigmoid()
             masks = probs > self.cfg.mask_threshold_test
             mask_scores = (probs * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
-            scores, order = (scores * mask_scores).sort(descending=True)
-            masks = masks[order]
-            results.append(dict(scores=scores, labels=labels[order], masks=masks, boxes=mask_boxes(masks)))
+            scores, order = (scores * mask_scores[inverse]).sort(descending=True)
+            chosen = inverse[order]
+            results.append(dict(scores=scores, labels=labels[order], masks=masks[chosen], boxes=mask_boxes(masks)[chosen]))
         return results
 
 

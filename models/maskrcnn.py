@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from models.backbone import IMAGENET_MEAN, IMAGENET_STD, LEVELS, FeatureBackbone, build_backbone
@@ -44,14 +46,19 @@ class MaskRCNNConfig:
     box_batch_size_per_image: int = 512
     box_detections_per_img: int = 100
     mask_threshold: float = 0.5
+    fpn_channels: int = 256
+    box_head_dim: int = 1024  # the two-layer MLP of the box head
+    mask_head_channels: int = 256  # the four 3x3 convs and the deconvolution of the mask head
 
     @classmethod
     def small(cls, **overrides) -> MaskRCNNConfig:
-        """A CPU-sized model for tests: ResNet-18 (unless overridden), images of 128-192 px, few proposals and
-        RoIs (the mask head's 14x14 convs on up to 25% positive RoIs dominate a CPU step, hence 32 RoIs)."""
+        """A CPU-sized model, heads as narrow as K-Net's small ones (64-channel FPN and mask head, 256-d box
+        MLP), few proposals and RoIs (the mask head's 14x14 convs on up to 25% positive RoIs dominate a CPU
+        step, hence 32 RoIs); ResNet-18 at 128-192 px unless overridden (the commands pass the backbone and
+        the image size)."""
         base = cls(backbone="resnet18", min_size=128, max_size=192, rpn_pre_nms_top_n_train=200,
                    rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
-                   box_batch_size_per_image=32, box_detections_per_img=50)
+                   box_batch_size_per_image=32, fpn_channels=64, box_head_dim=256, mask_head_channels=64)
         return replace(base, **overrides)
 
 
@@ -74,8 +81,13 @@ class BackboneFPN(nn.Module):
 def build_maskrcnn(cfg: MaskRCNNConfig, backbone_weights: Path | None = None) -> MaskRCNN:
     """torchvision Mask R-CNN on our backbone (``None`` weights: random, with a loud warning)."""
     body = build_backbone(cfg.backbone, backbone_weights, frozen_stages=cfg.frozen_stages, norm_eval=True)
+    c, classes = cfg.fpn_channels, cfg.num_classes + 1  # torchvision counts the background as a class
+    mask_layers = [cfg.mask_head_channels] * 4
     return MaskRCNN(
-        BackboneFPN(body), num_classes=cfg.num_classes + 1, min_size=cfg.min_size, max_size=cfg.max_size,
+        BackboneFPN(body, c), min_size=cfg.min_size, max_size=cfg.max_size,
+        box_head=TwoMLPHead(c * 7 * 7, cfg.box_head_dim), box_predictor=FastRCNNPredictor(cfg.box_head_dim, classes),
+        mask_head=MaskRCNNHeads(c, mask_layers, 1),
+        mask_predictor=MaskRCNNPredictor(mask_layers[-1], cfg.mask_head_channels, classes),
         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
         rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+import torch.nn.functional as F
 from torch import Tensor
 
 PromptFn = Callable[[Tensor, Mapping[str, Tensor]], Tensor]
@@ -44,3 +45,19 @@ class QueryModel(Protocol):
         """Per image dict(scores (k,), labels (k,) long in 0..K-1, masks (k, h0, w0) bool, boxes (k, 4) xyxy
         exclusive x2/y2) sorted by decreasing score, k <= cfg.max_per_image; masks at orig_sizes[b] of the
         valid region image_sizes[b] of the padded batch."""
+
+
+def maps_at_image_size(maps: Tensor, index: Tensor, padded_hw: Sequence[int], valid_hw: Sequence[int],
+                       orig_hw: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The maps that `index` selects, as the original image sees them: resized (bilinear) to the padded input,
+    cropped to the image's valid region, resized to its original size.
+
+    maps: (N, h', w') per-query maps; index: (k,) queries chosen by a top-k over queries x classes, which
+    repeats a query once per class it scores in. Each distinct query is resized once: returns (distinct maps
+    (U, h0, w0), inverse (k,)) with maps[index] at image size == distinct[inverse].
+    """
+    distinct, inverse = index.unique(return_inverse=True)
+    resized = F.interpolate(maps[distinct][None].float(), size=tuple(padded_hw), mode="bilinear", align_corners=False)
+    h, w = valid_hw
+    resized = F.interpolate(resized[..., :h, :w], size=tuple(orig_hw), mode="bilinear", align_corners=False)[0]
+    return resized, inverse

@@ -102,3 +102,16 @@ def test_predict_of_a_batch_equals_predict_of_each_image(model):
         assert both[b]["masks"].shape == (one["masks"].shape[0], *orig[b])
         # masks may only differ where a probability sits within float noise of the threshold
         assert (both[b]["masks"] != one["masks"]).float().mean() < 1e-3
+
+
+def test_maps_at_image_size_resizes_each_distinct_map_once_with_the_same_result():
+    from models.query_model import maps_at_image_size
+
+    torch.manual_seed(0)
+    maps, index = torch.randn(5, 12, 16), torch.tensor([3, 1, 3, 3, 0, 1])
+    distinct, inverse = maps_at_image_size(maps, index, (48, 64), (40, 52), (95, 130))
+    assert distinct.shape == (3, 95, 130)
+    for k, n in enumerate(index):  # what predict did before: every selected map on its own
+        one = F.interpolate(maps[n][None, None], size=(48, 64), mode="bilinear", align_corners=False)
+        one = F.interpolate(one[..., :40, :52], size=(95, 130), mode="bilinear", align_corners=False)[0, 0]
+        torch.testing.assert_close(distinct[inverse[k]], one, rtol=0, atol=1e-6)

@@ -64,7 +64,7 @@ for name, over in named("pretrain_runs", ["store", "model", *PRETRAIN_KEYS]).ite
     PRETRAIN_OF[name] = f"{store}-{settings_hash(settings)}"
     PRETRAIN_SETTINGS[PRETRAIN_OF[name]] = dict(settings, store=store, model=PRETRAIN_MODEL[name])
 
-RUNS = named("finetune_runs", ["model", "init", "percent", "class_agnostic", "lr"])
+RUNS = named("finetune_runs", ["model", "init", "percent", "class_agnostic", "lr", "frozen_stages"])
 for name, run in RUNS.items():
     if run.get("init") and run["init"] not in PRETRAIN_OF:
         raise ValueError(f"config finetune_runs: {name} starts from unknown pre-training run {run['init']}")
@@ -100,12 +100,13 @@ def flags(**options):
 BACKBONE, WEIGHTS = config["gen_masks"]["backbone"], config["gen_masks"]["backbone_weights"]
 COMMON = dict(workers=0, device=config["device"])
 SKIP_BAD = truthy(config["skip_bad"])  # leave out bad labeled images/annotations (listed per run) instead of stopping
-# Every labeled file is checked (with its images) before anything runs: what fine-tuning, evaluation and
-# eval-masks would otherwise find hours later. ([file, image folder, use] each)
+# Every labeled file is checked (with its images) first: what fine-tuning, evaluation and eval-masks would
+# otherwise find hours later. The check has no inputs from other jobs, so it runs at once; stage 1 does not wait
+# for it (a failed check stops the workflow all the same). ([file, image folder, use] each)
 LABEL_CHECKS = [[config["train_ann"], config["train_images"], "train"],
                 [config["val_ann"], config["val_images"], "eval"]]
 LABEL_CHECKS += [[config["unlabeled_gt"], "", "mask-gt"]] if config["unlabeled_gt"] else []
-LABELS_CHECKED = f"{RES}/labels.checked"
+LABELS_CHECKED = f"{RES}/labels.{settings_hash(LABEL_CHECKS)}.checked"  # one marker per set of checked files
 
 
 def gen_masks_cmd(w):
@@ -143,6 +144,7 @@ def finetune_cmd(w, input):
             f"--val-ann {config['val_ann']} --val-images {config['val_images']} "
             f"--out {RES}/finetune/{w.run}/seed{w.seed} --resume --overwrite "
             + flags(model=run["model"], class_agnostic=truthy(run.get("class_agnostic", False)), lr=run.get("lr"),
+                    frozen_stages=run.get("frozen_stages", config["finetune_frozen_stages"]),
                     eval_at=config["finetune_eval_at"], small=truthy(config["small_models"]), init=input.init or "",
                     backbone=BACKBONE, backbone_weights=WEIGHTS, epochs=config["finetune_epochs"],
                     batch_size=config["finetune_batch_size"],
@@ -191,7 +193,7 @@ def pretrained(name, seed=PRETRAIN_SEEDS[0]):
 STORES = [f"{RES}/stores/{h}.zarr.done" for h in STORE_SETTINGS]
 PRETRAINS = [f"{RES}/pretrain/{key}/seed{seed}/final.pth" for key in PRETRAIN_SETTINGS for seed in PRETRAIN_SEEDS]
 FINETUNES = [f"{RES}/finetune/{run}/seed{seed}/final.pth" for run in RUNS for seed in SEEDS]
-EVALS = [f"{RES}/eval/{run}/seed{seed}.json" for run in RUNS for seed in SEEDS]
+EVALS = [f"{RES}/finetune/{run}/seed{seed}/eval.json" for run in RUNS for seed in SEEDS]
 
 
 wildcard_constraints:
@@ -239,7 +241,7 @@ rule check_labels:
 # Markers (*.done) rather than directory outputs: Snakemake deletes the outputs of a failed job, and the
 # part stores must survive a crash so that rerunning resumes them.
 rule gen_masks_shard:
-    input: demo_input(config["unlabeled_images"]), LABELS_CHECKED
+    input: demo_input(config["unlabeled_images"])
     output: touch(f"{RES}/stores/{{store}}.part{{i}}.done")
     threads: THREADS
     resources:
@@ -251,8 +253,11 @@ rule gen_masks_shard:
 rule merge_store:
     input: expand(f"{RES}/stores/{{{{store}}}}.part{{i}}.done", i=range(NSHARDS))
     output: touch(f"{RES}/stores/{{store}}.zarr.done")
-    params: store=lambda w: f"{RES}/stores/{w.store}.zarr"
-    shell: "rm -rf {params.store} && sp store merge {params.store} --remove-parts"
+    params: store=lambda w: f"{RES}/stores/{w.store}.zarr", parts=lambda w: f"{RES}/stores/{w.store}.part*-of-*.zarr"
+    # rerun after the parts were merged and removed (say, the rule's inputs changed): keep the merged store
+    shell:
+        "if ls -d {params.parts} >/dev/null 2>&1; then rm -rf {params.store} && sp store merge {params.store} "
+        "--remove-parts; else sp store info {params.store} >/dev/null; fi"
 
 
 # Class-agnostic AP of the pseudo masks (Table 6 of the paper) and an overlay grid, when unlabeled_gt is set
@@ -285,22 +290,13 @@ rule finetune_run:
         ann=lambda w: train_ann(w.run),
         checked=LABELS_CHECKED,
         init=lambda w: pretrained(RUNS[w.run]["init"], int(w.seed)) if RUNS[w.run].get("init") else [],
-    output: f"{RES}/finetune/{{run}}/seed{{seed}}/final.pth"
+    output: f"{RES}/finetune/{{run}}/seed{{seed}}/final.pth", f"{RES}/finetune/{{run}}/seed{{seed}}/eval.json"
     threads: THREADS
     resources:
         gpu=GPUS,
         mem_mb=16000,
     params: sp=sp(int(config["nproc_per_node"])), cmd=finetune_cmd
     shell: "OMP_NUM_THREADS={threads} {params.sp} {params.cmd}"
-
-rule evaluate_run:
-    input: f"{RES}/finetune/{{run}}/seed{{seed}}/final.pth"
-    output: f"{RES}/eval/{{run}}/seed{{seed}}.json"
-    threads: THREADS
-    params: skip_bad=flags(skip_bad=SKIP_BAD)
-    shell:
-        "OMP_NUM_THREADS={threads} sp evaluate {input} --ann {config[val_ann]} --images {config[val_images]} "
-        "--out {output} --workers 0 --device {config[device]} {params.skip_bad}"
 
 rule results_table:
     input:

@@ -106,7 +106,8 @@ def finetune_cmd(
     train_images: Annotated[Path, typer.Option(help="Its image folder.")],
     val_ann: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="COCO JSON evaluated every --eval-every epochs.")],
     val_images: Annotated[Path, typer.Option(help="Its image folder.")],
-    out: Annotated[Path, typer.Option(help="Run folder: last/best/final.pth, metrics.jsonl, curve.png.")],
+    out: Annotated[Path, typer.Option(help="Run folder: last/best/final.pth, metrics.jsonl, curve.png, and eval.json "
+                                      "(the last epoch's AP, as `sp evaluate --out` writes it).")],
     model: Annotated[Model, typer.Option(help="knet, mask2former, queryinst, or maskrcnn (torchvision, the CNN "
                                          "baseline).")] = Model.knet,
     small: Annotated[bool, typer.Option(help="CPU-sized heads (query models: 64 channels, 16 queries; Mask R-CNN: "
@@ -146,6 +147,8 @@ def finetune_cmd(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth exactly where it stopped (a run with "
                                          "other settings is refused).")] = False,
     overwrite: Overwrite = False,
+    frozen_stages: Annotated[int, typer.Option(min=0, max=4, help="Backbone stem + this many of its four stages "
+                                               "frozen (the paper: 1; 4: the whole backbone).")] = 1,
     class_agnostic: Annotated[bool, typer.Option(help="Merge all categories into one ('fg') for training and "
                                                  "evaluation: the localisation and shape prior alone.")] = False,
     skip_bad: SkipBad = False,
@@ -165,7 +168,7 @@ def finetune_cmd(
         mask_threshold=mask_threshold, max_per_image=max_per_image, eval_every=eval_every, workers=workers,
         device=resolve_device(device), seed=seed, log_every=log_every, checkpoint_every=checkpoint_every,
         keep_every=keep_every, resume=resume, overwrite=overwrite, skip_bad=skip_bad, decode_images=decode_images,
-        class_agnostic=class_agnostic, eval_at=tuple(eval_at or ()))
+        class_agnostic=class_agnostic, eval_at=tuple(eval_at or ()), frozen_stages=frozen_stages)
     try:
         final = finetune(cfg)
     except (ValueError, OSError, FloatingPointError) as e:

@@ -49,6 +49,7 @@ class FinetuneConfig(LoopConfig):
     lr: float | None = None  # default: 1e-4 (query models, AdamW) or 0.02 (Mask R-CNN, SGD)
     weight_decay: float | None = None  # default: 0.05 (query models) or 1e-4 (Mask R-CNN)
     backbone_lr_mult: float = 0.25  # query models
+    frozen_stages: int = 1  # backbone stem + this many stages frozen (§4.1: 1; 4 freezes the whole backbone)
     clip_norm: float = 4.0
     schedule: Schedule = field(default_factory=lambda: Schedule(warmup_steps=100, lr_steps=(36, 44)))
     flip_prob: float = 0.5
@@ -116,13 +117,15 @@ def build(cfg: FinetuneConfig, num_classes: int):
             raise ValueError("--init loads a query model's pre-training checkpoint; "
                              "use --backbone-weights for Mask R-CNN")
         mc = (MaskRCNNConfig.small if cfg.small else MaskRCNNConfig)(
-            backbone=cfg.backbone, num_classes=num_classes, min_size=cfg.image_size, max_size=cfg.max_size)
+            backbone=cfg.backbone, num_classes=num_classes, min_size=cfg.image_size, max_size=cfg.max_size,
+            frozen_stages=cfg.frozen_stages)
         model = build_maskrcnn_adapter(mc, cfg.backbone_weights)
         optimizer = maskrcnn_optimizer(model, lr=cfg.lr or 0.02,
                                        weight_decay=1e-4 if cfg.weight_decay is None else cfg.weight_decay)
         return model, mc, optimizer
     mc = query_model_config(cfg.model, small=cfg.small, backbone=cfg.backbone, num_classes=num_classes,
-                            frozen_stages=1, mask_threshold_test=cfg.mask_threshold, max_per_image=cfg.max_per_image)
+                            frozen_stages=cfg.frozen_stages, mask_threshold_test=cfg.mask_threshold,
+                            max_per_image=cfg.max_per_image)
     model = build_query_model(mc, cfg.backbone_weights)
     if cfg.init is not None:
         load_pretrained(model, cfg.init, cfg.model)
@@ -209,6 +212,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
             best["AP"] = record["segm_AP"]
             link_checkpoint(cfg.out / "last.pth", cfg.out / "best.pth")
         plot_curve(cfg.out)
+        if epoch == cfg.epochs:  # the run's result, as `sp evaluate --out` writes it
+            (cfg.out / "eval.json").write_text(json.dumps(metrics, indent=2))
         return record
 
     return train_loop(cfg, dist, {"model": model}, optimizer, dataset, collate_training,

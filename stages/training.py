@@ -129,7 +129,7 @@ def read_checkpoint(path: Path, option: str, map_location: str = "cpu", mmap: bo
 # move: pre-training compares its settings hash instead. Other paths are compared as given.
 RESUMABLE_CHANGES = {"out", "resume", "overwrite", "epochs", "workers", "device", "log_every", "checkpoint_every",
                      "keep_every", "eval_every", "eval_at", "skip_bad", "decode_images", "store"}
-RUN_FILES = ("last.pth", "final.pth", "best.pth", "metrics.jsonl", "curve.png", "skipped.json", "tb")
+RUN_FILES = ("last.pth", "final.pth", "best.pth", "metrics.jsonl", "curve.png", "eval.json", "skipped.json", "tb")
 
 
 def _run_files(out: Path) -> list[Path]:

@@ -304,6 +304,29 @@ ImagesDir = Annotated[Path, typer.Option(exists=True, file_okay=False, help="Fol
 OutPng = Annotated[Path, typer.Option(help="The PNG to write.")]
 
 
+@app.command("prompt-stats")
+def prompt_stats_cmd(
+    checkpoint: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A `sp pretrain` checkpoint "
+                                               "trained with prompts.")],
+    store: Annotated[Path, typer.Option(help="The pseudo-label store it was pre-trained on.")],
+    images: Annotated[Path, typer.Option(help="The images folder of the store.")],
+    out: Annotated[Optional[Path], typer.Option(help="Also write the statistics (means and per image) as JSON.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the store's first K images.")] = None,
+    device: Device = "auto",
+):
+    """How the Saliency Prompt acts in a pre-trained model: pseudo masks per image, queries prompted, distinct
+    prompts, and whether the query matched to pseudo mask l received prompt l (prompt dropout off)."""
+    from stages.prompt_stats import format_stats, prompt_stats
+
+    try:
+        stats = prompt_stats(checkpoint, store, images, limit, resolve_device(device))
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo(format_stats(stats))
+    if out is not None:
+        out.write_text(json.dumps(stats, indent=2))
+
+
 @app.command("plot-losses")
 def plot_losses_cmd(
     runs: Annotated[list[Path], typer.Argument(exists=True, help="Run folders of `sp pretrain` / `sp finetune` "

@@ -19,11 +19,18 @@ from stages.training import read_checkpoint
 
 
 def build_model(kind: str, config: dict) -> nn.Module:
-    """kind 'maskrcnn' or a query model's name; config: the dataclass fields saved in a checkpoint's
-    'model_config'."""
-    if kind == "maskrcnn":
-        return build_maskrcnn_adapter(MaskRCNNConfig(**config))
-    return build_query_model(query_model_spec(kind).config(**config))
+    """The model a checkpoint holds, without its weights (the caller loads them next, so the backbone's
+    random-weights warning is silenced). kind 'maskrcnn' or a query model's name; config: the dataclass fields
+    saved in the checkpoint's 'model_config'."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        logging.getLogger("models.backbone").disabled = True
+        try:
+            if kind == "maskrcnn":
+                return build_maskrcnn_adapter(MaskRCNNConfig(**config))
+            return build_query_model(query_model_spec(kind).config(**config))
+        finally:
+            logging.getLogger("models.backbone").disabled = False
 
 
 def load_checkpoint_model(path: Path, device: str, pretrained_ok: bool = False) -> tuple[nn.Module, dict]:
@@ -36,17 +43,12 @@ def load_checkpoint_model(path: Path, device: str, pretrained_ok: bool = False) 
         raise ValueError(f"{path} is not a `sp finetune` checkpoint (kind {state.get('kind')!r}); " +
                          ("nor a `sp pretrain` one" if pretrained_ok else
                           "a pre-training checkpoint is used through `sp finetune --init`"))
-    with warnings.catch_warnings():  # the random-backbone warning does not apply: weights come next
-        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-        logging.getLogger("models.backbone").disabled = True
-        try:
-            model = build_model(state["model_kind"], state["model_config"])
-            model.load_state_dict(state["model"])
-        except (KeyError, TypeError, RuntimeError) as e:  # written by another version of sp, or edited
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"{path}: its model cannot be rebuilt ({type(e).__name__}: {reason})") from None
-        finally:
-            logging.getLogger("models.backbone").disabled = False
+    try:
+        model = build_model(state["model_kind"], state["model_config"])
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, RuntimeError) as e:  # written by another version of sp, or edited
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: its model cannot be rebuilt ({type(e).__name__}: {reason})") from None
     return model.to(device).eval(), state
 
 

@@ -33,8 +33,8 @@ def job_counts(output: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
-STAGE1 = {"demo_data": 1, "check_labels": 1, "gen_masks_shard": 2, "merge_store": 1}
-TRAINING = {**STAGE1, "pretrain_run": 1, "finetune_run": 2}
+STAGE1 = {"demo_data": 1, "gen_masks_shard": 2, "merge_store": 1}  # stage 1 reads no labels
+TRAINING = {**STAGE1, "check_labels": 1, "pretrain_run": 1, "finetune_run": 2}
 
 
 @pytest.mark.parametrize("target, expected", [

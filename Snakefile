@@ -158,7 +158,8 @@ def table_cmd(w, input):
     metrics = [f"{RES}/finetune/{run}/seed{seed}/metrics.jsonl" for run in RUNS for seed in SEEDS]
     quality = [f"{name}={RES}/stores/{h}.quality.json" for name, h in STORE_OF.items()] if config["unlabeled_gt"] else []
     return (f"sp table {' '.join(input.evals)} --names {names} --out {RES}/results "
-            + flags(metrics=metrics, early_epochs=config["early_epochs"], pseudo_masks=quality))
+            + flags(metrics=metrics, early_epochs=config["early_epochs"], pseudo_masks=quality,
+                    decimals=config["table_decimals"]))
 
 
 def check_labels_cmd(w):
@@ -318,7 +319,7 @@ rule pretrained_table:
     input: PRETRAIN_EVALS
     output: f"{RES}/results_pretrained.md"
     params: names=",".join(name for name in PRETRAIN_OF if PRETRAIN_MODEL[name] == "knet")
-    shell: "sp table {input} --names {params.names} --out {RES}/results_pretrained"
+    shell: "sp table {input} --names {params.names} --out {RES}/results_pretrained --decimals {config[table_decimals]}"
 
 rule kernel_maps:
     input: [finetuned(r) for r in FIGURES.get("kernel_maps", [])] + [pretrained(p) for p in FIGURES.get("kernel_maps_pretrain", [])]

@@ -265,6 +265,8 @@ def table_cmd(
                                                               "epoch (repeat the option; needs --metrics).")] = None,
     pseudo_masks: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE of `sp eval-masks --out`: adds the "
                                                               "pseudo-mask quality of that store (repeat).")] = None,
+    decimals: Annotated[int, typer.Option(min=0, max=4, help="Digits after the point of every number (AP in "
+                                          "percent); 2 where AP is below 1 %, as with a few hundred labels on CPU.")] = 1,
 ):
     """Mask and box AP tables of several evaluated runs, printed and written as markdown and JSON."""
     from stages.report import write_table
@@ -276,7 +278,8 @@ def table_cmd(
             fail(f"--pseudo-masks {entry!r}: expected NAME=FILE with an existing file")
         quality[name] = Path(path)
     try:
-        typer.echo(write_table(eval_files, names.split(","), out, metrics or [], tuple(early_epochs or ()), quality))
+        typer.echo(write_table(eval_files, names.split(","), out, metrics or [], tuple(early_epochs or ()), quality,
+                                decimals))
     except (ValueError, OSError, KeyError) as e:
         fail(str(e))
 

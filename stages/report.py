@@ -28,11 +28,11 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(numbers), statistics.stdev(numbers) if len(numbers) > 1 else math.nan
 
 
-def cell(values: list[float]) -> str:
+def cell(values: list[float], decimals: int = 1) -> str:
     mean, sd = mean_sd(values)
     if math.isnan(mean):
         return "-"
-    return f"{mean:.1f}" if math.isnan(sd) else f"{mean:.1f} ± {sd:.1f}"
+    return f"{mean:.{decimals}f}" if math.isnan(sd) else f"{mean:.{decimals}f} ± {sd:.{decimals}f}"
 
 
 def read_metrics(metrics_file: Path) -> list[dict]:
@@ -86,24 +86,25 @@ def load_rows(eval_files: list[Path], names: list[str], metrics_files: list[Path
     return rows
 
 
-def results_table(rows: dict[str, list[dict]], iou_type: str = "segm", early_epochs: tuple[int, ...] = ()) -> str:
+def results_table(rows: dict[str, list[dict]], iou_type: str = "segm", early_epochs: tuple[int, ...] = (),
+                  decimals: int = 1) -> str:
     """Markdown table, one row per setting, AP columns in percent (mean ± sd over seeds), then 'AP@eK': the
     mask AP after fine-tuning epoch K ('-' where a run has no evaluation at that epoch)."""
     header = [*COLUMNS, *(f"AP@e{e}" for e in early_epochs)]
     lines = ["| run | seeds | " + " | ".join(header) + " |", "|---|---:|" + "---:|" * len(header)]
     for name, records in rows.items():
-        cells = [cell([r[iou_type][c] for r in records]) for c in COLUMNS]
-        cells += [cell([r.get("curve", {}).get(e, math.nan) for r in records]) for e in early_epochs]
+        cells = [cell([r[iou_type][c] for r in records], decimals) for c in COLUMNS]
+        cells += [cell([r.get("curve", {}).get(e, math.nan) for r in records], decimals) for e in early_epochs]
         lines.append(f"| {name} | {len(records)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def pseudo_mask_table(quality: dict[str, dict]) -> str:
+def pseudo_mask_table(quality: dict[str, dict], decimals: int = 1) -> str:
     """Markdown table of `sp eval-masks` results (percent), one row per store."""
     lines = ["| store | masks | images | " + " | ".join(f"mask {c}" for c in COLUMNS) + " | box AP | AR100 |",
              "|---|---:|---:|" + "---:|" * (len(COLUMNS) + 2)]
     for name, q in quality.items():
-        cells = [cell([q["segm"][c]]) for c in COLUMNS] + [cell([q["bbox"]["AP"]]), cell([q["segm"]["AR100"]])]
+        cells = [cell([q[iou][c]], decimals) for iou, c in [*(("segm", c) for c in COLUMNS), ("bbox", "AP"), ("segm", "AR100")]]
         lines.append(f"| {name} | {q['masks']} | {q['images']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -121,17 +122,19 @@ def plot_curves(rows: dict[str, list[dict]], out_png: Path) -> Path:
 
 
 def write_table(eval_files: list[Path], names: list[str], out_prefix: Path, metrics_files: list[Path] = (),
-                early_epochs: tuple[int, ...] = (), pseudo_masks: dict[str, Path] | None = None) -> str:
-    """Writes OUT.md (mask table, box table, pseudo-mask quality), OUT.json (every number) and, with metrics
-    files, OUT_curves.png; returns the markdown."""
+                early_epochs: tuple[int, ...] = (), pseudo_masks: dict[str, Path] | None = None,
+                decimals: int = 1) -> str:
+    """Writes OUT.md (mask table, box table, pseudo-mask quality; numbers in percent with `decimals` digits),
+    OUT.json (every number) and, with metrics files, OUT_curves.png; returns the markdown."""
     if early_epochs and not metrics_files:
         raise ValueError("early-epoch columns need the runs' metrics.jsonl files")
     rows = load_rows(eval_files, names, metrics_files)
     quality = {name: json.loads(Path(p).read_text()) for name, p in (pseudo_masks or {}).items()}
-    text = (f"mask AP\n\n{results_table(rows, 'segm', tuple(early_epochs))}\n\n"
-            f"box AP\n\n{results_table(rows, 'bbox')}\n")
+    text = (f"mask AP\n\n{results_table(rows, 'segm', tuple(early_epochs), decimals)}\n\n"
+            f"box AP\n\n{results_table(rows, 'bbox', decimals=decimals)}\n")
     if quality:
-        text += f"\npseudo masks (class-agnostic, on the unlabeled images' ground truth)\n\n{pseudo_mask_table(quality)}\n"
+        text += ("\npseudo masks (class-agnostic, on the unlabeled images' ground truth)\n\n"
+                 f"{pseudo_mask_table(quality, decimals)}\n")
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     out_prefix.with_suffix(".md").write_text(text)
     out_prefix.with_suffix(".json").write_text(json.dumps({"runs": rows, "pseudo_masks": quality}, indent=2))

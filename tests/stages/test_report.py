@@ -40,6 +40,21 @@ def test_mean_and_sample_sd_skip_nan_and_single_values_have_no_sd():
     assert mean_sd([10.0, 20.0, NAN]) == (15.0, statistics.stdev([10.0, 20.0]))
     assert math.isnan(mean_sd([3.0])[1]) and cell([3.0]) == "3.0"
     assert cell([NAN, NAN]) == "-" and cell([10.0, 20.0]) == "15.0 ± 7.1"
+    assert cell([0.12, 0.15], decimals=2) == "0.14 ± 0.02"  # sub-percent AP stays readable
+
+
+def test_table_decimals_reach_every_table(tmp_path):
+    """`sp table --decimals 2`: the mask, box and pseudo-mask tables all show two digits."""
+    run = write_run(tmp_path, "a0", 0.123, {1: 0.045})
+    quality = tmp_path / "q.json"
+    stats = {c: 0.0789 for c in (*COLUMNS, "AR100")}
+    quality.write_text(json.dumps({"masks": 5, "images": 2, "segm": stats, "bbox": stats}))
+    text = write_table([run[0]], ["sp"], tmp_path / "out", [run[1]], early_epochs=(1,), pseudo_masks={"s": quality},
+                       decimals=2)
+    mask_row, box_row = [line for line in text.splitlines() if line.startswith("| sp |")]
+    assert mask_row.startswith("| sp | 1 | 0.12 |") and mask_row.endswith("| 0.04 |")  # AP and AP@e1
+    assert box_row.startswith("| sp | 1 | 0.06 |")
+    assert "| s | 5 | 2 | 0.08 |" in text
 
 
 def test_table_groups_seeds_under_one_name_and_reads_early_epochs(tmp_path):

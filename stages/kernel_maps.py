@@ -95,6 +95,6 @@ def write_kernel_maps(checkpoints: list[Path], names: list[str], images_dir: Pat
         written.append(out_png.with_name(f"{out_png.stem}.{label}.npy"))
         np.save(written[-1], maps[name])
     fig = heatmap_grid(maps, columns)
-    fig.suptitle(f"Mean mask probability of each kernel over {count} images of {Path(images_dir).name}")
+    fig.suptitle(f"Mean mask probability of each kernel over {count} images of {Path(images_dir)}")
     written.append(save(fig, out_png))
     return written

@@ -172,10 +172,10 @@ def demo_input(path):
     return f"{DEMO}/annotations/train.json" if str(path).startswith(DEMO.rstrip("/") + "/") else []
 
 
-# The pre-trained K-Nets themselves, class-agnostic on the evaluation set (the paper's Table 6), and figures:
+# The pre-trained models themselves, class-agnostic on the evaluation set (the paper's Table 6), and figures:
 # kernel maps (Figure 6), side-by-side predictions and pre-training loss curves, of seed SEEDS[0].
-PRETRAIN_EVALS = ([f"{RES}/eval_pretrain/{name}/seed{PRETRAIN_SEEDS[0]}.json" for name in PRETRAIN_OF
-                   if PRETRAIN_MODEL[name] == "knet"] if truthy(config["pretrain_evals"]) else [])
+PRETRAIN_EVALS = ([f"{RES}/eval_pretrain/{name}/seed{PRETRAIN_SEEDS[0]}.json" for name in PRETRAIN_OF]
+                  if truthy(config["pretrain_evals"]) else [])
 FIGURES = config["figures"]  # kernel_maps: [fine-tuning runs], kernel_maps_pretrain: [pre-training runs], compare: [...]
 FIGURE_FILES = ([f"{RES}/figures/kernel_maps.png"] if FIGURES.get("kernel_maps") or FIGURES.get("kernel_maps_pretrain")
                 else []) + ([f"{RES}/figures/compare.png"] if FIGURES.get("compare") else []) + \
@@ -318,7 +318,7 @@ rule evaluate_pretrain:
 rule pretrained_table:
     input: PRETRAIN_EVALS
     output: f"{RES}/results_pretrained.md"
-    params: names=",".join(name for name in PRETRAIN_OF if PRETRAIN_MODEL[name] == "knet")
+    params: names=",".join(PRETRAIN_OF)
     shell: "sp table {input} --names {params.names} --out {RES}/results_pretrained --decimals {config[table_decimals]}"
 
 rule kernel_maps:

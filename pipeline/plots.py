@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -29,13 +30,22 @@ def seed_band(seeds: list[Points]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array(xs, dtype=np.float64), mean, sd
 
 
+def series_colours(names: list[str]) -> dict[str, str]:
+    """name → a colour of its own: matplotlib's ten-colour cycle, or tab20 when more lines than ten share a
+    chart (the ten-colour cycle would repeat and two rows would look like one)."""
+    if len(names) <= 10:
+        return {name: f"C{k}" for k, name in enumerate(names)}
+    return {name: matplotlib.colormaps["tab20"](k % 20) for k, name in enumerate(names)}
+
+
 def draw_series(ax, series: dict[str, list[Points]], colours: dict[str, str] | None = None,
                 markers: bool = True) -> None:
     """Each named series (its seeds' points) as the mean line and, where two or more seeds have a point, a
-    shaded mean ± sd band; colours: name → matplotlib colour (default: the colour cycle in series order)."""
-    for k, (name, seeds) in enumerate(series.items()):
+    shaded mean ± sd band; colours: name → matplotlib colour (default: `series_colours` in series order)."""
+    colours = colours or series_colours(list(series))
+    for name, seeds in series.items():
         x, mean, sd = seed_band(seeds)
-        colour = (colours or {}).get(name, f"C{k % 10}")
+        colour = colours[name]
         label = name if len(seeds) == 1 else f"{name} (n={len(seeds)})"
         ax.plot(x, mean, color=colour, label=label, marker="o" if markers else None, markersize=3, linewidth=1.5)
         if np.isfinite(sd).any():
@@ -57,7 +67,8 @@ def line_chart(series: dict[str, list[Points]], out_png: Path, title: str = "", 
     fig = Figure(figsize=size, dpi=100, layout="constrained")
     ax = fig.add_subplot()
     draw_series(ax, series)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    fig.suptitle(title)  # over the whole figure: an axes title is cut off when the legend beside it is wide
     ax.grid(alpha=0.3)
     if series:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
@@ -69,7 +80,7 @@ def panel_chart(panels: dict[str, dict[str, Points]], out_png: Path, xlabel: str
     """One small chart per panel title, each with one line per run name (a run keeps its colour in every
     panel; a run missing from a panel is simply not drawn there), one shared legend."""
     runs = list(dict.fromkeys(name for lines in panels.values() for name in lines))
-    colours = {name: f"C{k % 10}" for k, name in enumerate(runs)}
+    colours = series_colours(runs)
     columns = max(1, min(columns, len(panels)))
     rows = max(1, math.ceil(len(panels) / columns))
     fig = Figure(figsize=(panel_size[0] * columns, panel_size[1] * rows + 0.5), dpi=100, layout="constrained")

@@ -1,6 +1,7 @@
 """pipeline.plots: the mean ± sd band over seeds, and charts that are written and show something."""
 import math
 
+import matplotlib
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
@@ -39,6 +40,14 @@ def test_band_drawn_for_several_seeds_and_not_for_one():
     band = ax.collections[0].get_paths()[0].vertices
     assert band[:, 1].min() == pytest.approx(2.0 - np.std([1.0, 3.0], ddof=1))
     assert band[:, 1].max() == pytest.approx(2.0 + np.std([1.0, 3.0], ddof=1))
+
+
+def test_every_series_gets_its_own_colour_beyond_ten():
+    # the real-data table has 13 rows: with the ten-colour cycle two rows were drawn in the same colour
+    ax = Figure().add_subplot()
+    draw_series(ax, {f"row{k}": [[(1, float(k)), (2, k + 1.0)]] for k in range(13)})
+    colours = {matplotlib.colors.to_hex(line.get_color()) for line in ax.lines}
+    assert len(colours) == 13
 
 
 def test_line_chart_and_panel_chart_write_pngs_that_show_something(tmp_path):

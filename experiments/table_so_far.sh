@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the repository root; needs `sp` on PATH (the project venv)
 R=results/coco_subset/finetune; E=""; N=""; M=""
-for r in knet_scratch knet_pseudo_masks knet_sp_cosine knet_sp_sequential knet_sp_random knet_sp_no_kernel_loss knet_sp_random_proposals knet_pseudo_masks_random_proposals maskrcnn mask2former_scratch mask2former_sp_cosine queryinst_scratch queryinst_sp_cosine knet_scratch_30pct knet_sp_cosine_30pct maskrcnn_30pct knet_scratch_80cls knet_sp_cosine_80cls maskrcnn_80cls; do
+ROWS=$(python -c "import yaml; print(*(r['name'] for r in yaml.safe_load(open('experiments/coco_subset.yaml'))['finetune_runs']))")
+for r in $ROWS; do
   for s in 0 1 2; do f=$R/$r/seed$s/eval.json; [ -f $f ] || continue; E="$E $f"; N="$N,$r"; M="$M --metrics $R/$r/seed$s/metrics.jsonl"; done
 done
+# the two stores' settings hashes (results/coco_subset/stores/), as the workflow names them
 sp table $E --names ${N#,} $M --early-epochs 1 --early-epochs 2 --early-epochs 4 --decimals 2 --out results/coco_subset/results_so_far \
   --pseudo-masks saliency=results/coco_subset/stores/923865665858.quality.json --pseudo-masks random_proposals=results/coco_subset/stores/9560965e062c.quality.json

@@ -30,7 +30,7 @@ def seed_band(seeds: list[Points]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array(xs, dtype=np.float64), mean, sd
 
 
-def series_colours(names: list[str]) -> dict[str, str]:
+def series_colours(names: list[str]) -> dict[str, str | tuple[float, ...]]:
     """name → a colour of its own: matplotlib's ten-colour cycle, or tab20 when more lines than ten share a
     chart (the ten-colour cycle would repeat and two rows would look like one)."""
     if len(names) <= 10:
@@ -38,7 +38,7 @@ def series_colours(names: list[str]) -> dict[str, str]:
     return {name: matplotlib.colormaps["tab20"](k % 20) for k, name in enumerate(names)}
 
 
-def draw_series(ax, series: dict[str, list[Points]], colours: dict[str, str] | None = None,
+def draw_series(ax, series: dict[str, list[Points]], colours: dict[str, str | tuple[float, ...]] | None = None,
                 markers: bool = True) -> None:
     """Each named series (its seeds' points) as the mean line and, where two or more seeds have a point, a
     shaded mean ± sd band; colours: name → matplotlib colour (default: `series_colours` in series order)."""

@@ -11,6 +11,9 @@ import os
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")  # also with --directory elsewhere
 
 RES = config["results"]
+# stores and pre-trainings are named by their settings: under a `cache` folder shared by several experiments'
+# configs, an experiment reuses those another one already made (default: inside its own results folder)
+CACHE = config.get("cache") or RES
 THREADS = int(config["threads"])
 NSHARDS = int(config["shards"])
 SEEDS = [int(s) for s in config["seeds"]]
@@ -42,15 +45,21 @@ def named(section, allowed):
 
 # A store is named by its generation settings (and input folder), a pre-training run by its store and its
 # settings: experiments that differ only in later settings share them, and any change makes a new one.
+# A store may read other images than the config's unlabeled_images / unlabeled_list (with their own ground
+# truth, unlabeled_gt, or none: "").
+STORE_DATA_KEYS = ["unlabeled_images", "unlabeled_list", "unlabeled_gt"]
 STORE_OF = {}  # store name -> hash
 STORE_SETTINGS = {}  # hash -> generation settings
-for name, over in named("stores", config["gen_masks"]).items():
+STORE_DATA = {}  # hash -> {unlabeled_images, unlabeled_list, unlabeled_gt}
+for name, over in named("stores", [*config["gen_masks"], *STORE_DATA_KEYS]).items():
+    data = {k: over.pop(k, config[k]) for k in STORE_DATA_KEYS}
     settings = dict(config["gen_masks"], **over)
-    images = {"images": config["unlabeled_images"]}
-    if config["unlabeled_list"]:  # which images of the folder, by content
-        images["image_list"] = hashlib.sha256(open(config["unlabeled_list"], "rb").read()).hexdigest()
+    images = {"images": data["unlabeled_images"]}
+    if data["unlabeled_list"]:  # which images of the folder, by content
+        images["image_list"] = hashlib.sha256(open(data["unlabeled_list"], "rb").read()).hexdigest()
     STORE_OF[name] = settings_hash(dict(settings, **images))
     STORE_SETTINGS[STORE_OF[name]] = settings
+    STORE_DATA[STORE_OF[name]] = data
 
 PRETRAIN_OF = {}  # pre-training run name -> "<store hash>-<settings hash>"
 PRETRAIN_SETTINGS = {}
@@ -64,7 +73,7 @@ for name, over in named("pretrain_runs", ["store", "model", *PRETRAIN_KEYS]).ite
     PRETRAIN_OF[name] = f"{store}-{settings_hash(settings)}"
     PRETRAIN_SETTINGS[PRETRAIN_OF[name]] = dict(settings, store=store, model=PRETRAIN_MODEL[name])
 
-RUNS = named("finetune_runs", ["model", "init", "percent", "class_agnostic", "lr", "frozen_stages"])
+RUNS = named("finetune_runs", ["model", "init", "percent", "class_agnostic", "lr", "frozen_stages", "repeat"])
 for name, run in RUNS.items():
     if run.get("init") and run["init"] not in PRETRAIN_OF:
         raise ValueError(f"config finetune_runs: {name} starts from unknown pre-training run {run['init']}")
@@ -105,14 +114,14 @@ SKIP_BAD = truthy(config["skip_bad"])  # leave out bad labeled images/annotation
 # for it (a failed check stops the workflow all the same). ([file, image folder, use] each)
 LABEL_CHECKS = [[config["train_ann"], config["train_images"], "train"],
                 [config["val_ann"], config["val_images"], "eval"]]
-LABEL_CHECKS += [[config["unlabeled_gt"], "", "mask-gt"]] if config["unlabeled_gt"] else []
+LABEL_CHECKS += [[gt, "", "mask-gt"] for gt in dict.fromkeys(d["unlabeled_gt"] for d in STORE_DATA.values()) if gt]
 LABELS_CHECKED = f"{RES}/labels.{settings_hash(LABEL_CHECKS)}.checked"  # one marker per set of checked files
 
 
 def gen_masks_cmd(w):
-    g = STORE_SETTINGS[w.store]
-    return (f"sp gen-masks {config['unlabeled_images']} --store {RES}/stores/{w.store}.zarr --shard {w.i}/{NSHARDS} "
-            + flags(image_list=config["unlabeled_list"], batch_size=config["gen_batch_size"], workers=THREADS,
+    g, data = STORE_SETTINGS[w.store], STORE_DATA[w.store]
+    return (f"sp gen-masks {data['unlabeled_images']} --store {CACHE}/stores/{w.store}.zarr --shard {w.i}/{NSHARDS} "
+            + flags(image_list=data["unlabeled_list"], batch_size=config["gen_batch_size"], workers=THREADS,
                     device=config["device"], method=g["method"],
                     backbone=g["backbone"], backbone_weights=g["backbone_weights"], image_size=g["image_size"],
                     max_size=g["max_size"], min_score=g["min_score"], max_masks=g["max_masks"], nms=g["nms"]))
@@ -120,8 +129,8 @@ def gen_masks_cmd(w):
 
 def pretrain_cmd(w):
     p = PRETRAIN_SETTINGS[w.key]
-    return (f"pretrain --store {RES}/stores/{p['store']}.zarr --images {config['unlabeled_images']} "
-            f"--out {RES}/pretrain/{w.key}/seed{w.seed} --resume "
+    return (f"pretrain --store {CACHE}/stores/{p['store']}.zarr --images {STORE_DATA[p['store']]['unlabeled_images']} "
+            f"--out {CACHE}/pretrain/{w.key}/seed{w.seed} --resume "
             + flags(model=p["model"], small=truthy(p["small_models"]), epochs=p["pretrain_epochs"],
                     batch_size=p["pretrain_batch_size"],
                     lr_steps=p["pretrain_lr_steps"], warmup_steps=p["pretrain_warmup_steps"],
@@ -130,12 +139,14 @@ def pretrain_cmd(w):
                     backbone_weights=WEIGHTS, **COMMON))
 
 
-def train_ann(run):
-    """The run's labeled file: train_ann, or its `percent` % split (sp split, seed split_seed)."""
+def train_ann(run, seed):
+    """The run's labeled file: train_ann, or its `percent` % split (sp split, seed split_seed; with
+    split_per_seed, fine-tuning seed s trains on the split of seed split_seed + s)."""
     if not RUNS[run].get("percent"):
         return config["train_ann"]
     stem = os.path.splitext(os.path.basename(config["train_ann"]))[0]
-    return f"{RES}/splits/{stem}.{config['split_seed']}@{RUNS[run]['percent']:g}_labeled.json"
+    split = int(config["split_seed"]) + (int(seed) if truthy(config.get("split_per_seed", False)) else 0)
+    return f"{RES}/splits/{stem}.{split}@{RUNS[run]['percent']:g}_labeled.json"
 
 
 def finetune_cmd(w, input):
@@ -145,7 +156,7 @@ def finetune_cmd(w, input):
             f"--out {RES}/finetune/{w.run}/seed{w.seed} --resume --overwrite "
             + flags(model=run["model"], class_agnostic=truthy(run.get("class_agnostic", False)), lr=run.get("lr"),
                     frozen_stages=run.get("frozen_stages", config["finetune_frozen_stages"]),
-                    eval_at=config["finetune_eval_at"], small=truthy(config["small_models"]), init=input.init or "",
+                    repeat=run.get("repeat", ""), eval_at=config["finetune_eval_at"], small=truthy(config["small_models"]), init=input.init or "",
                     backbone=BACKBONE, backbone_weights=WEIGHTS, epochs=config["finetune_epochs"],
                     batch_size=config["finetune_batch_size"],
                     lr_steps=config["finetune_lr_steps"], warmup_steps=config["finetune_warmup_steps"],
@@ -156,7 +167,7 @@ def finetune_cmd(w, input):
 def table_cmd(w, input):
     names = ",".join(run for run in RUNS for _ in SEEDS)
     metrics = [f"{RES}/finetune/{run}/seed{seed}/metrics.jsonl" for run in RUNS for seed in SEEDS]
-    quality = [f"{name}={RES}/stores/{h}.quality.json" for name, h in STORE_OF.items()] if config["unlabeled_gt"] else []
+    quality = [f"{name}={CACHE}/stores/{h}.quality.json" for name, h in STORE_OF.items() if STORE_DATA[h]["unlabeled_gt"]]
     return (f"sp table {' '.join(input.evals)} --names {names} --out {RES}/results "
             + flags(metrics=metrics, early_epochs=config["early_epochs"], pseudo_masks=quality,
                     decimals=config["table_decimals"]))
@@ -188,11 +199,12 @@ def finetuned(run, seed=SEEDS[0]):
 
 def pretrained(name, seed=PRETRAIN_SEEDS[0]):
     seed = seed if seed in PRETRAIN_SEEDS else PRETRAIN_SEEDS[0]
-    return f"{RES}/pretrain/{PRETRAIN_OF[name]}/seed{seed}/final.pth"
+    return f"{CACHE}/pretrain/{PRETRAIN_OF[name]}/seed{seed}/final.pth"
 
 
-STORES = [f"{RES}/stores/{h}.zarr.done" for h in STORE_SETTINGS]
-PRETRAINS = [f"{RES}/pretrain/{key}/seed{seed}/final.pth" for key in PRETRAIN_SETTINGS for seed in PRETRAIN_SEEDS]
+STORES = [f"{CACHE}/stores/{h}.zarr.done" for h in STORE_SETTINGS]
+QUALITY = [f"{CACHE}/stores/{h}.quality.json" for h, data in STORE_DATA.items() if data["unlabeled_gt"]]
+PRETRAINS = [f"{CACHE}/pretrain/{key}/seed{seed}/final.pth" for key in PRETRAIN_SETTINGS for seed in PRETRAIN_SEEDS]
 FINETUNES = [f"{RES}/finetune/{run}/seed{seed}/final.pth" for run in RUNS for seed in SEEDS]
 EVALS = [f"{RES}/finetune/{run}/seed{seed}/eval.json" for run in RUNS for seed in SEEDS]
 
@@ -242,8 +254,8 @@ rule check_labels:
 # Markers (*.done) rather than directory outputs: Snakemake deletes the outputs of a failed job, and the
 # part stores must survive a crash so that rerunning resumes them.
 rule gen_masks_shard:
-    input: demo_input(config["unlabeled_images"])
-    output: touch(f"{RES}/stores/{{store}}.part{{i}}.done")
+    input: lambda w: demo_input(STORE_DATA[w.store]["unlabeled_images"])
+    output: touch(f"{CACHE}/stores/{{store}}.part{{i}}.done")
     threads: THREADS
     resources:
         gpu=min(GPUS, 1),
@@ -252,27 +264,29 @@ rule gen_masks_shard:
     shell: "OMP_NUM_THREADS={threads} {params.cmd}"
 
 rule merge_store:
-    input: expand(f"{RES}/stores/{{{{store}}}}.part{{i}}.done", i=range(NSHARDS))
-    output: touch(f"{RES}/stores/{{store}}.zarr.done")
-    params: store=lambda w: f"{RES}/stores/{w.store}.zarr", parts=lambda w: f"{RES}/stores/{w.store}.part*-of-*.zarr"
+    input: expand(f"{CACHE}/stores/{{{{store}}}}.part{{i}}.done", i=range(NSHARDS))
+    output: touch(f"{CACHE}/stores/{{store}}.zarr.done")
+    params: store=lambda w: f"{CACHE}/stores/{w.store}.zarr", parts=lambda w: f"{CACHE}/stores/{w.store}.part*-of-*.zarr"
     # rerun after the parts were merged and removed (say, the rule's inputs changed): keep the merged store
     shell:
         "if ls -d {params.parts} >/dev/null 2>&1; then rm -rf {params.store} && sp store merge {params.store} "
         "--remove-parts; else sp store info {params.store} >/dev/null; fi"
 
 
-# Class-agnostic AP of the pseudo masks (Table 6 of the paper) and an overlay grid, when unlabeled_gt is set
+# Class-agnostic AP of the pseudo masks (Table 6 of the paper) and an overlay grid, for stores with a ground truth
 rule store_quality:
-    input: f"{RES}/stores/{{store}}.zarr.done", demo_input(config["unlabeled_gt"]), LABELS_CHECKED
-    output: f"{RES}/stores/{{store}}.quality.json"
-    params: store=lambda w: f"{RES}/stores/{w.store}.zarr", skip_bad=flags(skip_bad=SKIP_BAD)
+    input: f"{CACHE}/stores/{{store}}.zarr.done", lambda w: demo_input(STORE_DATA[w.store]["unlabeled_gt"]), LABELS_CHECKED
+    output: f"{CACHE}/stores/{{store}}.quality.json"
+    params:
+        store=lambda w: f"{CACHE}/stores/{w.store}.zarr", skip_bad=flags(skip_bad=SKIP_BAD),
+        gt=lambda w: STORE_DATA[w.store]["unlabeled_gt"], images=lambda w: STORE_DATA[w.store]["unlabeled_images"]
     shell:
-        "sp eval-masks {params.store} --gt {config[unlabeled_gt]} --out {output} {params.skip_bad} && "
-        "sp viz {params.store} --images {config[unlabeled_images]} --out {params.store}.overlays -n 16"
+        "sp eval-masks {params.store} --gt {params.gt} --out {output} {params.skip_bad} && "
+        "sp viz {params.store} --images {params.images} --out {params.store}.overlays -n 16"
 
 rule pretrain_run:
-    input: lambda w: f"{RES}/stores/{PRETRAIN_SETTINGS[w.key]['store']}.zarr.done"
-    output: f"{RES}/pretrain/{{key}}/seed{{seed}}/final.pth"
+    input: lambda w: f"{CACHE}/stores/{PRETRAIN_SETTINGS[w.key]['store']}.zarr.done"
+    output: f"{CACHE}/pretrain/{{key}}/seed{{seed}}/final.pth"
     threads: THREADS
     resources:
         gpu=GPUS,
@@ -288,7 +302,7 @@ rule split_labels:
 
 rule finetune_run:
     input:
-        ann=lambda w: train_ann(w.run),
+        ann=lambda w: train_ann(w.run, w.seed),
         checked=LABELS_CHECKED,
         init=lambda w: pretrained(RUNS[w.run]["init"], int(w.seed)) if RUNS[w.run].get("init") else [],
     output: f"{RES}/finetune/{{run}}/seed{{seed}}/final.pth", f"{RES}/finetune/{{run}}/seed{{seed}}/eval.json"
@@ -302,7 +316,7 @@ rule finetune_run:
 rule results_table:
     input:
         evals=EVALS,
-        quality=[f"{RES}/stores/{h}.quality.json" for h in STORE_SETTINGS] if config["unlabeled_gt"] else [],
+        quality=QUALITY,
     output: f"{RES}/results.md", f"{RES}/results.json"
     params: cmd=table_cmd
     shell: "{params.cmd}"

@@ -14,7 +14,10 @@ from torchvision.ops import roi_align
 
 def crop_masks_to_boxes(masks: Tensor, boxes: Tensor, size: int) -> Tensor:
     """Binary targets (K, size, size) float: masks[k] (K, H, W) RoIAligned into boxes[k] (K, 4) xyxy pixels,
-    averaged over adaptive sample points and thresholded at 0.5."""
+    averaged over adaptive sample points and thresholded at 0.5.
+
+    A box reaching beyond the masks is not clipped first (mmdet's mask_target clips it): the predicted mask
+    covers the whole box, in its RoI features and when pasted, so its target does too (empty outside)."""
     if len(masks) == 0:
         return masks.new_zeros(0, size, size, dtype=torch.float32)
     rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None], boxes], 1)

@@ -77,6 +77,8 @@ class DIIHead(nn.Module):
                 nn.init.xavier_uniform_(p)
         # sigmoid scores start near 0.01 so the many background proposals do not swamp the focal loss
         nn.init.constant_(self.fc_cls.bias, -math.log((1 - 0.01) / 0.01))
+        # no delta shared by every proposal before any training (mmdet's BBoxHead zeroes this bias)
+        nn.init.zeros_(self.fc_reg.bias)
 
     def forward(self, queries: Tensor, roi_feats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """queries: (B, N, C) proposal features; roi_feats: (B*N, C, r, r), image-major.
@@ -99,7 +101,9 @@ class DynamicMaskHead(nn.Module):
     ``num_convs`` 3x3 convs, a x2 deconvolution -> one class-agnostic 28x28 mask logit map per proposal.
 
     The reference's convs use BatchNorm; GroupNorm is used here so that a proposal's mask never depends on
-    the other proposals or images in the batch (batched == per-image, train and eval alike).
+    the other proposals or images in the batch (batched == per-image, train and eval alike). The reference
+    also predicts one map per class and uses that of the matched (training) or predicted (inference) class;
+    here one map serves every class, so a proposal's mask is one (28, 28) map as in the other query models.
     """
 
     def __init__(self, channels: int, dynamic_dim: int, mask_channels: int, num_convs: int) -> None:

@@ -66,23 +66,30 @@ def mask_sum_pool(mask_logits: Tensor, feats: Tensor) -> Tensor:
 
 
 class RPNStage(nn.Module):
-    """Initial masks and kernels from N learned 1x1 kernels (K-Net's ConvKernelHead, no semantic head)."""
+    """Initial masks and kernels from N learned 1x1 kernels, and the semantic head (K-Net's ConvKernelHead)."""
 
-    def __init__(self, channels: int, num_kernels: int) -> None:
+    def __init__(self, channels: int, num_kernels: int, num_classes: int) -> None:
         super().__init__()
         self.loc_conv = ConvGNReLU(channels, channels, 1)
         self.sem_conv = ConvGNReLU(channels, channels, 1)
         self.init_kernels = nn.Conv2d(channels, num_kernels, 1, bias=False)
         # std 1 (not the usual 0.01): the initial masks must already split pixels at the 0.5 threshold
         nn.init.normal_(self.init_kernels.weight, 0.0, 1.0)
+        # per-pixel class scores on the semantic features; its focal loss is a dense foreground signal into the
+        # features every update stage pools from (prior 0.01, as the classifiers)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
+        nn.init.constant_(self.conv_seg.bias, -math.log((1 - 0.01) / 0.01))
 
-    def forward(self, loc: Tensor, sem: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """loc, sem: (B, C, h, w) -> masks (B, N, h, w) logits, kernels (B, N, C), x_feats (B, C, h, w)."""
+    def forward(self, loc: Tensor, sem: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """loc, sem: (B, C, h, w) -> masks (B, N, h, w) logits, kernels (B, N, C), x_feats (B, C, h, w) and
+        semantic logits (B, K, h, w)."""
         loc = self.loc_conv(loc)
-        x = self.sem_conv(sem) + loc
+        sem = self.sem_conv(sem)
+        x = sem + loc
         masks = self.init_kernels(loc)
         kernels = self.init_kernels.weight.flatten(1)[None] + mask_sum_pool(masks, x)
-        return masks, kernels, x
+        return masks, kernels, x, self.conv_seg(sem)
 
 
 class KernelUpdator(nn.Module):
@@ -156,7 +163,7 @@ class KNet(nn.Module):
         self.backbone = backbone
         self.fpn = FPN(backbone.channels, cfg.channels)
         self.fusion = SemanticFusion(cfg.channels)
-        self.rpn = RPNStage(cfg.channels, cfg.num_kernels)
+        self.rpn = RPNStage(cfg.channels, cfg.num_kernels, cfg.num_classes)
         self.stages = nn.ModuleList(
             KernelUpdateHead(cfg.channels, cfg.num_classes, cfg.ffn_dim, cfg.num_heads)
             for _ in range(cfg.num_stages))
@@ -172,12 +179,14 @@ class KNet(nn.Module):
         Returns:
             stages: 1 + num_stages dicts (RPN stage first) with 'masks' (B, N, H/4, W/4) logits,
                 'logits' (B, N, K) and 'queries' (B, N, C), the stage's output kernels (both None for the
-                RPN stage: it has no classes, and kernel supervision runs on the update stages only).
+                RPN stage: it has no classes, and kernel supervision runs on the update stages only); the RPN
+                stage's dict also has 'seg' (B, K, H/4, W/4), the semantic head's per-pixel class logits.
             feats: {'p2'..'p5'} FPN maps, (B, C, H/s, W/s) for s = 4..32.
         """
         pyramid = self.fpn(self.backbone(images))
-        masks, kernels, x = self.rpn(*self.fusion(pyramid))
-        stages: list[dict[str, Tensor | None]] = [dict(masks=_upsample2(masks), logits=None, queries=None)]
+        masks, kernels, x, seg = self.rpn(*self.fusion(pyramid))
+        stages: list[dict[str, Tensor | None]] = [
+            dict(masks=_upsample2(masks), logits=None, queries=None, seg=_upsample2(seg))]
         if prompt_fn is not None:
             kernels = prompt_fn(kernels, pyramid)
         for head in self.stages:
@@ -186,7 +195,8 @@ class KNet(nn.Module):
         return stages, pyramid
 
     def losses(self, stages: list[dict], targets: list[dict]) -> tuple[dict[str, Tensor], list]:
-        """``models.losses.knet_losses`` (focal / Dice / BCE per stage, K-Net's matching)."""
+        """``models.losses.knet_losses`` (focal / Dice / BCE per stage, the semantic focal loss, K-Net's
+        matching)."""
         return knet_losses(stages, targets)
 
     @torch.no_grad()

@@ -30,7 +30,9 @@ from models.saliency import mask_boxes
 
 @dataclass
 class Mask2FormerConfig:
-    """The defaults are the paper's (Mask2Former R50 instance segmentation)."""
+    """The defaults are the paper's (Mask2Former R50 instance segmentation), but for the backbone's freezing:
+    the reference trains all of it (FREEZE_AT 0) with frozen BatchNorm; here stem + C2 are frozen as in the
+    project's other models and the Saliency Prompt paper (§4.1), and the stages set it anyway."""
     backbone: str = "resnet50"
     num_classes: int = 80
     num_queries: int = 100

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from models.losses import mean_count
+
 WEIGHTS = dict(cls=2.0, mask=5.0, dice=5.0)  # the same weights serve matching costs and losses
 NO_OBJECT_WEIGHT = 0.1
 
@@ -117,10 +119,10 @@ def mask2former_losses(stages: Sequence[Mapping[str, Tensor | None]], targets: S
 
     stages: dicts with 'logits' (B, N, K + 1) and 'masks' (B, N, h, w) logits; targets: per image
     'labels' (L,) and 'full_masks' (L, H, W) bool. Returns ({'d0_cls', 'd0_mask', 'd0_dice', 'd1_cls', ...},
-    assignments[s][b] = (pred_idx, gt_idx)). Mask terms are normalised by the number of targets in the
-    batch (at least 1), the class term is the weighted mean over all queries.
+    assignments[s][b] = (pred_idx, gt_idx)). Mask terms are normalised by the batch's number of targets averaged
+    over the processes (:func:`models.losses.mean_count`), the class term is the weighted mean over all queries.
     """
-    num_masks = max(1.0, float(sum(len(t["labels"]) for t in targets)))
+    num_masks = mean_count(sum(len(t["labels"]) for t in targets), stages[0]["logits"].device)
     losses: dict[str, Tensor] = {}
     assignments = []
     for s, stage in enumerate(stages):

@@ -111,6 +111,10 @@ class EncoderLayer(nn.Module):
         self.attention_norm = nn.LayerNorm(channels)
         self.ffn = nn.Sequential(nn.Linear(channels, ffn_dim), nn.ReLU(inplace=True), nn.Linear(ffn_dim, channels))
         self.ffn_norm = nn.LayerNorm(channels)
+        # the reference xavier-fills every matrix of its encoder (then redoes the deformable attention's own
+        # init), so the FFN weights are xavier too; their biases keep nn.Linear's default, as there
+        for linear in (self.ffn[0], self.ffn[2]):
+            nn.init.xavier_uniform_(linear.weight)
 
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, shapes: Sequence[tuple[int, int]]) -> Tensor:
         """src, pos: (B, S, C); reference_points: (B, S, L, 2). Returns (B, S, C)."""
@@ -148,19 +152,21 @@ class PixelDecoder(nn.Module):
 
     def forward(self, feats: Mapping[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
         """feats: {'c2'..'c5'} backbone maps. Returns mask features (B, C, H/4, W/4) and the encoded maps
-        [(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)]."""
-        # the reference runs the deformable encoder in float32 (its CUDA op has no half version)
-        maps = [proj(feats[level].float()) for proj, level in zip(self.input_proj, ENCODER_LEVELS)]
-        b, c = maps[0].shape[:2]
-        shapes = [tuple(x.shape[-2:]) for x in maps]
-        src = torch.cat([x.flatten(2).transpose(1, 2) for x in maps], 1)
-        pos = torch.cat([sine_position_encoding(b, c, h, w, device=src.device).flatten(2).transpose(1, 2)
-                         + self.level_embed[i] for i, (h, w) in enumerate(shapes)], 1)
-        reference_points = cell_centres(shapes, src.device)[None, :, None].expand(b, -1, len(shapes), -1)
-        for layer in self.layers:
-            src = layer(src, pos, reference_points, shapes)
-        encoded = [x.transpose(1, 2).reshape(b, c, h, w)
-                   for x, (h, w) in zip(src.split([h * w for h, w in shapes], 1), shapes)]
-        lateral = self.lateral(feats["c2"].float())
-        y = lateral + F.interpolate(encoded[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-        return self.mask_features(self.output(y)), encoded
+        [(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)], all float32 even under autocast."""
+        # The reference runs the whole pixel decoder in float32 with autocast off (its deformable CUDA op has
+        # no half version); .float() alone would not do: autocast recasts every Linear and Conv input.
+        with torch.autocast(feats["c5"].device.type, enabled=False):
+            maps = [proj(feats[level].float()) for proj, level in zip(self.input_proj, ENCODER_LEVELS)]
+            b, c = maps[0].shape[:2]
+            shapes = [tuple(x.shape[-2:]) for x in maps]
+            src = torch.cat([x.flatten(2).transpose(1, 2) for x in maps], 1)
+            pos = torch.cat([sine_position_encoding(b, c, h, w, device=src.device).flatten(2).transpose(1, 2)
+                             + self.level_embed[i] for i, (h, w) in enumerate(shapes)], 1)
+            reference_points = cell_centres(shapes, src.device)[None, :, None].expand(b, -1, len(shapes), -1)
+            for layer in self.layers:
+                src = layer(src, pos, reference_points, shapes)
+            encoded = [x.transpose(1, 2).reshape(b, c, h, w)
+                       for x, (h, w) in zip(src.split([h * w for h, w in shapes], 1), shapes)]
+            lateral = self.lateral(feats["c2"].float())
+            y = lateral + F.interpolate(encoded[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            return self.mask_features(self.output(y)), encoded

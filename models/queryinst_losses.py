@@ -3,7 +3,8 @@ and Dice mask losses per stage (mmdet's QueryInst recipe, reference-facts.md §3
 
 Matching (per stage, on that stage's own detached predictions, as mmdet's SparseRoIHead):
   cost[n, l] = 2 focal(n, c_l) + 5 |b_n - g_l|_1 / (W, H, W, H) - 2 GIoU(b_n, g_l)
-Losses, each divided by the number of matched pairs (at least 1):
+Losses, each summed and divided by the number of matched pairs (averaged over the processes of a distributed
+run, at least 1, as the reference's reduce_mean):
   2 focal over all N x K scores, 5 L1 on size-normalised xyxy boxes, 2 (1 - GIoU), and 8 Dice (eps 1e-5)
   of the 28x28 mask in each matched predicted box against the ground truth's full mask cropped to that box.
 Boxes are normalised by the padded batch size (H, W): the model sees only the padded images.
@@ -19,7 +20,7 @@ from torch import Tensor
 from torchvision.ops import generalized_box_iou, generalized_box_iou_loss
 
 from models.box_masks import crop_masks_to_boxes
-from models.losses import dice_loss, sigmoid_focal_loss
+from models.losses import dice_loss, mean_count, sigmoid_focal_loss
 from models.matcher import focal_cost
 
 MATCH_WEIGHTS = (2.0, 5.0, 2.0)  # (class, L1, GIoU)
@@ -72,6 +73,9 @@ def queryinst_losses(stages: Sequence[Mapping[str, Tensor]], targets: Sequence[M
     """
     w = {**DEFAULT_WEIGHTS, **weights}
     image_size = tuple(targets[0]["full_masks"].shape[-2:])
+    # every stage matches min(N, L) pairs per image: one count (and one all-reduce) serves all stages
+    num_proposals = stages[0]["logits"].shape[1]
+    num_pos = mean_count(sum(min(num_proposals, len(t["labels"])) for t in targets), stages[0]["logits"].device)
     losses: dict[str, Tensor] = {}
     assignments: list[list[tuple[Tensor, Tensor]]] = []
     for s, stage in enumerate(stages):
@@ -80,8 +84,6 @@ def queryinst_losses(stages: Sequence[Mapping[str, Tensor]], targets: Sequence[M
         matched = [hungarian_box_match(logits[b], boxes[b], t["labels"], t["boxes"], image_size)
                    for b, t in enumerate(targets)]
         assignments.append(matched)
-        # the reference clamps the positive count at 1 so images without targets still give a finite loss
-        num_pos = max(1.0, float(sum(len(p) for p, _ in matched)))
         onehot = torch.zeros_like(logits)
         for b, (t, (p, g)) in enumerate(zip(targets, matched)):
             onehot[b, p.to(dev), t["labels"][g].to(dev)] = 1.0
@@ -98,5 +100,6 @@ def queryinst_losses(stages: Sequence[Mapping[str, Tensor]], targets: Sequence[M
             crop_masks_to_boxes(t["full_masks"][g.to(t["full_masks"].device)], boxes[b, p.to(dev)].detach(),
                                 masks.shape[-1])
             for b, (t, (p, g)) in enumerate(zip(targets, matched))]).to(pred_masks)
-        losses[f"s{s}_dice"] = w["dice"] * dice_loss(pred_masks, mask_targets, eps=DICE_EPS)
+        # dice_loss is the mean over this process's masks: back to their sum, over the shared count
+        losses[f"s{s}_dice"] = w["dice"] * dice_loss(pred_masks, mask_targets, eps=DICE_EPS) * len(pred_masks) / num_pos
     return losses, assignments

@@ -121,6 +121,9 @@ def finetune_cmd(
     backbone_weights: BackboneWeights = "imagenet",
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (the paper: 48 on COCO 10 %).")] = 48,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step and process.")] = 2,
+    repeat: Annotated[int, typer.Option(min=1, help="Each epoch passes over the labeled images this many times (each "
+                                        "pass with its own flips and rotations), as the reference's RepeatDataset: "
+                                        "label budgets of different sizes then share one schedule in steps.")] = 1,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 1e-4 AdamW for query models, 0.02 SGD "
                                                 "for Mask R-CNN).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default 0.05 query models, 1e-4 "
@@ -162,7 +165,7 @@ def finetune_cmd(
         train_ann=train_ann, train_images=train_images, val_ann=val_ann, val_images=val_images, out=out,
         model=model.value, small=small, backbone=backbone, init=init,
         backbone_weights=backbone_weights_path(backbone, backbone_weights),
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        epochs=epochs, batch_size=batch_size, repeat=repeat, lr=lr, weight_decay=weight_decay,
         schedule=Schedule(warmup_steps=warmup_steps, lr_steps=tuple(lr_steps)), clip_norm=clip_norm,
         flip_prob=flip_prob, rotate_deg=rotate, image_size=image_size, max_size=max_size,
         mask_threshold=mask_threshold, max_per_image=max_per_image, eval_every=eval_every, workers=workers,
@@ -198,6 +201,8 @@ def evaluate_cmd(
                                                  "--class-agnostic and for a `sp pretrain` checkpoint (the paper's "
                                                  "Table 6), which this command also evaluates.")] = False,
     decode_images: DecodeImages = False,
+    mask_threshold: Annotated[Optional[float], typer.Option(help="Test-time mask threshold (default: the one the "
+                                                            "model was fine-tuned with).")] = None,
 ):
     """Mask and box AP, AP50, AP75, APs, APm, APl of a fine-tuned (or, class-agnostic, a pre-trained) model
     (faster-coco-eval when installed)."""
@@ -210,7 +215,7 @@ def evaluate_cmd(
     try:
         dev = resolve_device(device)
         checked = load_checked_coco(ann, images, EVALUATION, skip_bad, decode_images)
-        model, state = load_checkpoint_model(checkpoint, dev, pretrained_ok=True)
+        model, state = load_checkpoint_model(checkpoint, dev, pretrained_ok=True, mask_threshold=mask_threshold)
         args = state["args"]
         # a pre-trained model has one class, 'fg': it is scored class-agnostically, as the paper's Table 6
         agnostic = class_agnostic or state["kind"] == "sp-pretrain" or args.get("class_agnostic", False)

@@ -35,10 +35,12 @@ class CocoInstances(Dataset):
 
     ann: a COCO file (checked here, with its images, by `stages.coco_check`) or a dataset dict already checked.
     categories: the dataset's categories sorted by id; label l ↔ categories[l]['id'].
+    repeat: the images appear this many times (item k is image k % number of images, with augmentation drawn for
+    k), as the reference's RepeatDataset.
     """
 
     def __init__(self, ann: Path | dict, images_dir: Path, image_size: int, max_size: int, flip_prob: float = 0.5,
-                 rotate_deg: float = 0.0, seed: int = 0):
+                 rotate_deg: float = 0.0, seed: int = 0, repeat: int = 1):
         data = checked_data(ann, images_dir)
         self.categories = sorted(data["categories"], key=lambda c: c["id"])
         label_of = {c["id"]: i for i, c in enumerate(self.categories)}
@@ -55,9 +57,10 @@ class CocoInstances(Dataset):
         self.file_names = [img["file_name"] for img in images]
         self.images_dir, self.image_size, self.max_size = Path(images_dir), image_size, max_size
         self.flip_prob, self.rotate_deg, self.seed, self.epoch = flip_prob, rotate_deg, seed, 0
+        self.repeat = repeat
 
     def __len__(self):
-        return len(self.image_ids)
+        return len(self.image_ids) * self.repeat
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -66,7 +69,7 @@ class CocoInstances(Dataset):
         return pickle.loads(self.buffer[self.offsets[k]:self.offsets[k + 1]].tobytes())
 
     def __getitem__(self, k: int) -> dict:
-        name, height, width, image_id, anns = self.record(k)
+        name, height, width, image_id, anns = self.record(k % len(self.image_ids))
         image = network_input(load_image(self.images_dir / name, (height, width)), self.image_size, self.max_size)
         masks = resize_masks([annotation_mask({"segmentation": s}, height, width) for s, _ in anns], image.shape[1:])
         labels = torch.tensor([label for _, label in anns], dtype=torch.long)

@@ -46,6 +46,7 @@ class FinetuneConfig(LoopConfig):
     init: Path | None = None  # a `sp pretrain` checkpoint of the same model (query models only)
     backbone_weights: Path | None = None
     epochs: int = 48
+    repeat: int = 1  # passes over the labeled images per epoch (the reference's RepeatDataset)
     lr: float | None = None  # default: 1e-4 (query models, AdamW) or 0.02 (Mask R-CNN, SGD)
     weight_decay: float | None = None  # default: 0.05 (query models) or 1e-4 (Mask R-CNN)
     backbone_lr_mult: float = 0.25  # query models
@@ -187,7 +188,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     train_data, val_data = (one_class(train.data), one_class(val.data)) if cfg.class_agnostic else (train.data, val.data)
     seed_everything(cfg.seed)
     dataset = CocoInstances(train_data, cfg.train_images, cfg.image_size, cfg.max_size, cfg.flip_prob,
-                            cfg.rotate_deg, cfg.seed)
+                            cfg.rotate_deg, cfg.seed, cfg.repeat)
     model, model_config, optimizer = build(cfg, len(dataset.categories))
     prepare_run_folder(cfg, "sp-finetune", config_dict(cfg), dist.main)
     if dist.main:

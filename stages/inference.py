@@ -33,9 +33,11 @@ def build_model(kind: str, config: dict) -> nn.Module:
             logging.getLogger("models.backbone").disabled = False
 
 
-def load_checkpoint_model(path: Path, device: str, pretrained_ok: bool = False) -> tuple[nn.Module, dict]:
+def load_checkpoint_model(path: Path, device: str, pretrained_ok: bool = False,
+                          mask_threshold: float | None = None) -> tuple[nn.Module, dict]:
     """The model of a `sp finetune` checkpoint, in eval mode, and the checkpoint dict (categories, args, ...).
-    pretrained_ok: also the K-Net of a `sp pretrain` checkpoint (its prompt module is not loaded)."""
+    pretrained_ok: also the K-Net of a `sp pretrain` checkpoint (its prompt module is not loaded);
+    mask_threshold: the test-time mask threshold instead of the one the model was trained with."""
     state = read_checkpoint(path, "checkpoint")
     if pretrained_ok and state.get("kind") == "sp-pretrain":
         state = {"model_kind": "knet", **state}
@@ -43,8 +45,11 @@ def load_checkpoint_model(path: Path, device: str, pretrained_ok: bool = False) 
         raise ValueError(f"{path} is not a `sp finetune` checkpoint (kind {state.get('kind')!r}); " +
                          ("nor a `sp pretrain` one" if pretrained_ok else
                           "a pre-training checkpoint is used through `sp finetune --init`"))
+    config = dict(state.get("model_config", {}))
+    if mask_threshold is not None:
+        config["mask_threshold" if state.get("model_kind") == "maskrcnn" else "mask_threshold_test"] = mask_threshold
     try:
-        model = build_model(state["model_kind"], state["model_config"])
+        model = build_model(state["model_kind"], config)
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError) as e:  # written by another version of sp, or edited
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]

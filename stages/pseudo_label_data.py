@@ -73,23 +73,29 @@ class PseudoLabelDataset(Dataset):
 
 
 def collate_training(items: list[dict]) -> dict:
-    """Pad images to a shared multiple of 32; targets at stride 4 (a pixel of the target is foreground
-    when most of its 4x4 block is). Returns images (B, 3, Hp, Wp), image_hw list, and per image a target
-    dict: masks (L, Hp/4, Wp/4) float, full-resolution masks (L, Hp, Wp) bool, labels (L,) (zeros, the one
-    foreground class, when items carry none), boxes, and seed_features when items carry them."""
+    """Pad images to a shared multiple of 32, with soft targets at stride 4 (as the reference, not thresholded).
+
+    Returns images (B, 3, Hp, Wp), image_hw list, dropped_targets (the objects left out because no pixel of
+    theirs is left at the training resolution: an empty target would stay a positive in the matcher and the
+    losses and teach confident empty masks), and per image a target dict: masks (L, Hp/4, Wp/4) float, each
+    cell the fraction of its 4x4 pixels the object covers (so an object with one pixel keeps a non-empty
+    target), full-resolution masks (L, Hp, Wp) bool, labels (L,) (zeros, the one foreground class, when items
+    carry none), boxes, and seed_features when items carry them."""
     hp = math.ceil(max(it["image"].shape[1] for it in items) / STRIDE) * STRIDE
     wp = math.ceil(max(it["image"].shape[2] for it in items) / STRIDE) * STRIDE
     images = torch.zeros(len(items), 3, hp, wp)
-    targets = []
+    targets, dropped = [], 0
     for b, it in enumerate(items):
         h, w = it["image"].shape[1:]
         images[b, :, :h, :w] = it["image"]
-        masks = F.pad(it["masks"].float(), (0, wp - w, 0, hp - h))
-        small = (F.avg_pool2d(masks[None], 4)[0] > 0.5).float() if len(masks) else masks.new_zeros(0, hp // 4, wp // 4)
-        target = {"masks": small, "full_masks": masks.bool(), "boxes": it["boxes"],
-                  "labels": it.get("labels", torch.zeros(len(masks), dtype=torch.long))}
+        keep = it["masks"].flatten(1).any(1)
+        dropped += int((~keep).sum())
+        masks = F.pad(it["masks"][keep].float(), (0, wp - w, 0, hp - h))
+        small = F.avg_pool2d(masks[None], 4)[0] if len(masks) else masks.new_zeros(0, hp // 4, wp // 4)
+        labels = it.get("labels", torch.zeros(len(keep), dtype=torch.long))
+        target = {"masks": small, "full_masks": masks.bool(), "boxes": it["boxes"][keep], "labels": labels[keep]}
         if "seed_features" in it:
-            target["seed_features"] = it["seed_features"]
+            target["seed_features"] = it["seed_features"][keep]
         targets.append(target)
     return {"images": images, "image_hw": [tuple(it["image"].shape[1:]) for it in items], "targets": targets,
-            "index": [it["index"] for it in items]}
+            "index": [it["index"] for it in items], "dropped_targets": dropped}

@@ -342,8 +342,9 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
                             collate_fn=collate)
         for module in modules.values():
             module.train()
-        tick = time.perf_counter()
+        tick, dropped = time.perf_counter(), 0
         for batch_in_epoch, batch in enumerate(loader, start=start_batch):
+            dropped += batch.get("dropped_targets", 0)
             set_lr(optimizer, loop.schedule.factor(step, epoch))
             with step_rng(loop.seed, step, dist.rank, dist.device):
                 losses = loss_fn(batch, step)
@@ -368,6 +369,10 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
                 bar.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.2f}")
             if loop.checkpoint_every and step % loop.checkpoint_every == 0:
                 checkpoint(epoch, batch_in_epoch + 1)
+        if dropped:
+            log.info("epoch %d: %d object(s) with no pixel left at the training resolution were left out of the "
+                     "targets", epoch + 1, dropped)
+            metrics.write({"step": step, "epoch": epoch, "dropped_targets": dropped})
         epoch, start_batch = epoch + 1, 0
         checkpoint(epoch, 0)
         if on_epoch_end is not None:

@@ -56,7 +56,7 @@ def test_prompt_fn_changes_update_stages_only(model):
     with torch.no_grad():
         plain, pyramid = model(images)
         prompted, _ = model(images, prompt_fn=prompt_fn)
-        _, rpn_kernels, _ = model.rpn(*model.fusion(pyramid))
+        _, rpn_kernels, _, _ = model.rpn(*model.fusion(pyramid))
     assert len(calls) == 1
     received, feat_names = calls[0]
     assert received.shape == (2, model.cfg.num_kernels, model.cfg.channels)
@@ -177,3 +177,28 @@ def test_small_knet_overfits_a_few_synthetic_images():
     finally:
         torch.set_num_threads(threads)
     assert best >= 0.75, f"matched mask IoU {start:.2f} -> {best:.2f} after {step} steps"
+
+
+def test_semantic_head_loss_reaches_the_fusion_fpn_and_backbone():
+    """The semantic focal term alone trains more than its own 1x1 head: its gradient flows through the features
+    every update stage pools from into the fusion neck, the FPN and the (unfrozen) backbone."""
+    torch.manual_seed(0)
+    model = _build(num_classes=2, frozen_stages=0).train()
+    images = torch.randn(2, 3, 64, 64)
+    gt = torch.zeros(1, 16, 16)
+    gt[0, 4:12, 2:10] = 1.0
+    targets = [dict(masks=gt, labels=torch.tensor([1]))] * 2
+    stages, _ = model(images)
+    assert stages[0]["seg"].shape == (2, 2, 16, 16)
+    losses, _ = knet_losses(stages, targets)
+    assert losses["s0_seg"].item() > 0
+    model.zero_grad()
+    losses["s0_seg"].backward()
+    for name in ("rpn.conv_seg.weight", "rpn.sem_conv.0.weight", "fusion.sem.0.weight", "fusion.p3.0.weight",
+                 "fpn.output.0.weight", "fpn.lateral.3.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    backbone = [p.grad for p in model.backbone.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in backbone)
+    # it is a semantic signal: the kernels' own masks do not get it (no gradient into init_kernels)
+    assert model.rpn.init_kernels.weight.grad is None or model.rpn.init_kernels.weight.grad.abs().sum() == 0

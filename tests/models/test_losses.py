@@ -100,3 +100,48 @@ def test_knet_losses_names_weights_and_focal_normalisation():
     assert losses["s2_cls"].item() == pytest.approx(want.item(), rel=1e-6)
     bce0 = mask_bce_loss(stages[0]["masks"][0, :2], targets[0]["masks"])
     assert losses["s0_mask"].item() == pytest.approx(0.5 * bce0.item(), rel=1e-6)
+
+
+def _semantic_case():
+    """One image, N = 2 kernels, L = 3 soft targets of 2 classes: targets 0 and 1 overlap, target 2 is left
+    unmatched (more targets than kernels)."""
+    torch.manual_seed(0)
+    h = w = 8
+    gt = torch.zeros(3, h, w)
+    gt[0, :4, :4] = 1.0
+    gt[0, 4, :4] = 0.25  # a soft edge still counts as the object's pixel
+    gt[1, 2:6, 2:6] = 1.0
+    gt[2, 6:, 6:] = 1.0
+    labels = torch.tensor([1, 0, 1])
+    masks = (torch.stack([gt[0], gt[1]]) * 2 - 1)[None] * 10  # kernel 0 = target 0, kernel 1 = target 1
+    stages = [dict(masks=masks, logits=None, seg=torch.randn(1, 2, h, w))]
+    return stages, [dict(masks=gt, labels=labels)]
+
+
+def test_semantic_loss_is_focal_over_the_painted_map_per_foreground_pixel():
+    """s0_seg == torchvision's sigmoid focal loss (summed) of the semantic logits against the matched targets'
+    labels painted on their pixels, divided by the number of foreground pixels, times the weight."""
+    from torchvision.ops import sigmoid_focal_loss as tv_focal
+
+    stages, targets = _semantic_case()
+    losses, assignments = knet_losses(stages, targets, weights=dict(rpn_seg=1.5))
+    assert assignments[0][0][0].tolist() == [0, 1] and assignments[0][0][1].tolist() == [0, 1]
+    gt = targets[0]["masks"]
+    painted = torch.full((8, 8), -1)
+    painted[gt[0] > 0] = 1
+    painted[gt[1] > 0] = 0  # kernel 1's target paints over kernel 0's where they overlap
+    onehot = torch.stack([painted == 0, painted == 1]).float()[None]
+    num_fg = int((painted >= 0).sum())
+    assert num_fg == 20 + 16 - 6  # the union of targets 0 and 1; target 2 (unmatched) is not painted
+    want = 1.5 * tv_focal(stages[0]["seg"], onehot, alpha=0.25, gamma=2.0, reduction="sum") / num_fg
+    assert losses["s0_seg"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_semantic_loss_is_finite_without_targets():
+    stages, targets = _semantic_case()
+    stages[0]["seg"].requires_grad_(True)
+    empty = [dict(masks=torch.zeros(0, 8, 8), labels=torch.zeros(0, dtype=torch.long))]
+    losses, _ = knet_losses(stages, empty)
+    losses["s0_seg"].backward()  # every pixel is background: the focal sum over at least one pixel
+    assert torch.isfinite(losses["s0_seg"]) and losses["s0_seg"].item() > 0
+    assert stages[0]["seg"].grad.abs().sum() > 0

@@ -1,10 +1,13 @@
-"""Mask2Former's criterion: point sampling, point losses against dense losses, matching against brute force."""
+"""Mask2Former's criterion: point sampling, point losses against dense losses, matching against brute force, the
+normalisation by the mean number of masks of the processes of a distributed run."""
 from __future__ import annotations
 
 import itertools
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from models.mask2former_losses import (NO_OBJECT_WEIGHT, hungarian_match, importance_points, mask2former_losses,
@@ -117,3 +120,32 @@ def test_images_without_targets_give_finite_differentiable_losses():
     total = sum(losses.values())
     total.backward()
     assert torch.isfinite(total) and logits.grad.abs().sum() > 0  # everything is pushed to no-object
+
+
+def _losses_in_process(rank: int, init_file: str, stages: list, targets: list, out: str) -> None:
+    """One process of a two-process gloo group: this rank's losses, saved for the test to read."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    losses, _ = mask2former_losses(stages[rank], targets[rank], num_points=64)
+    torch.save(losses, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_distributed_processes_divide_mask_terms_by_the_mean_number_of_masks(tmp_path):
+    """Two processes with 1 and 3 targets both divide their mask terms by 2 (the reference's all-reduced mean),
+    not by their own count: after DDP averages the gradients, every mask of the global batch weighs alike."""
+    g = torch.Generator().manual_seed(0)
+    stages, targets = [], []
+    for num_targets in (1, 3):
+        stages.append([_stage(torch.randn(1, 4, 3, generator=g), torch.randn(1, 4, 8, 8, generator=g))])
+        full = torch.rand(num_targets, 32, 32, generator=g) > 0.5
+        targets.append([dict(labels=torch.zeros(num_targets, dtype=torch.long), full_masks=full)])
+    mp.spawn(_losses_in_process, args=(str(tmp_path / "init"), stages, targets, str(tmp_path)), nprocs=2)
+    for rank, local_count in enumerate((1, 3)):
+        torch.manual_seed(0)
+        alone, _ = mask2former_losses(stages[rank], targets[rank], num_points=64)  # divided by its own count
+        got = torch.load(tmp_path / f"{rank}.pt")
+        torch.testing.assert_close(got["d0_cls"], alone["d0_cls"])
+        for key in ("d0_mask", "d0_dice"):
+            torch.testing.assert_close(got[key], alone[key] * local_count / 2)

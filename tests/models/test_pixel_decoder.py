@@ -1,11 +1,13 @@
-"""Mask2Former's pixel decoder: deformable sampling against a hand loop, the encoder's batch independence."""
+"""Mask2Former's pixel decoder: deformable sampling against a hand loop, the encoder's batch independence, its
+initialisation and float32 under autocast."""
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from models.pixel_decoder import MSDeformAttn, PixelDecoder, cell_centres, deformable_sample
+from models.pixel_decoder import EncoderLayer, MSDeformAttn, PixelDecoder, cell_centres, deformable_sample
 
 
 def _bilinear(value: torch.Tensor, x: float, y: float) -> torch.Tensor:
@@ -83,3 +85,34 @@ def test_encoder_outputs_and_batch_independence():
     # the encoder mixes levels: changing only C5 changes the stride-8 output
     changed = decoder({**feats, "c5": torch.randn_like(feats["c5"])})[1][2]
     assert not torch.allclose(changed, encoded[2], atol=1e-3)
+
+
+def test_encoder_matrices_are_xavier_uniform_as_the_reference():
+    """The reference xavier-fills every matrix of its encoder and then gives the deformable attention its own
+    init: FFN and value / output projections are uniform in +-sqrt(6 / (fan_in + fan_out)); the offset and
+    attention-weight matrices are zero. nn.Linear's default would give linear2 less than half that spread."""
+    torch.manual_seed(0)
+    layer = EncoderLayer(channels=256, num_levels=3, num_heads=8, num_points=4, ffn_dim=1024)  # the paper's sizes
+    for weight in (layer.ffn[0].weight, layer.ffn[2].weight, layer.attention.value_proj.weight,
+                   layer.attention.output_proj.weight):
+        bound = math.sqrt(6 / sum(weight.shape))
+        assert weight.abs().max() <= bound
+        assert weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)  # uniform's std
+    assert not layer.attention.sampling_offsets.weight.any() and not layer.attention.attention_weights.weight.any()
+
+
+def test_the_pixel_decoder_computes_in_float32_under_autocast():
+    """Under autocast (bfloat16 backbone features, as in CUDA training) the pixel decoder gives exactly its
+    float32 result on those features, as the reference, which turns autocast off there."""
+    torch.manual_seed(0)
+    channels = {"c2": 8, "c3": 16, "c4": 24, "c5": 32}
+    decoder = PixelDecoder(channels, channels=32, num_layers=2, num_heads=4, num_points=2, ffn_dim=64).eval()
+    feats = {lvl: torch.randn(1, c, 64 // s, 64 // s).bfloat16()
+             for (lvl, c), s in zip(channels.items(), (4, 8, 16, 32))}
+    with torch.no_grad():
+        want_masks, want_encoded = decoder({k: v.float() for k, v in feats.items()})
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_masks, got_encoded = decoder(feats)
+    for got, want in zip([got_masks, *got_encoded], [want_masks, *want_encoded]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want)

@@ -85,3 +85,20 @@ def test_labeled_images_of_every_mode_load_exactly_as_in_stage_1(image_modes, tm
     for k in range(len(labeled)):
         assert torch.equal(labeled[k]["image"], unlabeled[k]["image"]), labeled.file_names[k]
         assert labeled[k]["masks"].shape == (1, 48, 72)
+
+
+def test_repeat_passes_over_every_image_several_times_with_fresh_augmentation(tiny_coco):
+    once = CocoInstances(tiny_coco / "ann.json", tiny_coco, 40, 60, flip_prob=0.5)
+    thrice = CocoInstances(tiny_coco / "ann.json", tiny_coco, 40, 60, flip_prob=0.5, repeat=3)
+    assert len(thrice) == 3 * len(once) == 9
+    k = once.file_names.index("a.png")
+    copies = [thrice[k + 3 * r] for r in range(3)]
+    plain = CocoInstances(tiny_coco / "ann.json", tiny_coco, 40, 60, flip_prob=0.0)[k]["masks"]
+    for item in copies:  # the same image and objects, each copy flipped or not by its own draw
+        assert item["labels"].tolist() == [1, 0]
+        assert torch.equal(item["masks"], plain) or torch.equal(item["masks"], plain.flip(-1))
+    flipped = set()
+    for epoch in range(3):
+        thrice.set_epoch(epoch)
+        flipped |= {torch.equal(thrice[k + 3 * r]["masks"], plain.flip(-1)) for r in range(3)}
+    assert flipped == {True, False}

@@ -287,3 +287,24 @@ def test_format_ap_table():
         "bbox      0.0   60.0   44.4      -   38.0  100.0",
         "5 images",
     ]
+
+
+@pytest.mark.parametrize("model_kind", ["knet", "maskrcnn"])
+def test_a_mask_threshold_given_at_test_time_replaces_the_trained_one(tmp_path, model_kind):
+    """`sp evaluate --mask-threshold`: the same checkpoint, its masks thresholded lower, are supersets."""
+    from PIL import Image
+
+    from stages.inference import load_checkpoint_model, predict_images
+    from tiny_checkpoints import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path / "ck.pth", model_kind=model_kind)
+    Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    masks = {}
+    for threshold in (None, 0.3, 0.7):
+        model, state = load_checkpoint_model(path, "cpu", mask_threshold=threshold)
+        (_, pred), = predict_images(model, model_kind, tmp_path, ["a.png"], 64, 96, "cpu", 1, 0)
+        masks[threshold] = pred["masks"]
+    assert state["model_config"].get("mask_threshold_test", state["model_config"].get("mask_threshold")) == 0.5
+    low, default, high = masks[0.3], masks[None], masks[0.7]
+    assert (low | default).equal(low) and (default | high).equal(default)  # 0.3 ⊇ 0.5 ⊇ 0.7
+    assert low.sum() > high.sum()

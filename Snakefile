@@ -57,7 +57,10 @@ for name, over in named("stores", [*config["gen_masks"], *STORE_DATA_KEYS]).item
     images = {"images": data["unlabeled_images"]}
     if data["unlabeled_list"]:  # which images of the folder, by content
         images["image_list"] = hashlib.sha256(open(data["unlabeled_list"], "rb").read()).hexdigest()
-    STORE_OF[name] = settings_hash(dict(settings, **images))
+    # refine "none" (the paper's generator) stays out of the hash: such stores keep the names they had before
+    # refinement existed
+    named_by = {k: v for k, v in settings.items() if not (k == "refine" and v == "none")}
+    STORE_OF[name] = settings_hash(dict(named_by, **images))
     STORE_SETTINGS[STORE_OF[name]] = settings
     STORE_DATA[STORE_OF[name]] = data
 
@@ -73,7 +76,8 @@ for name, over in named("pretrain_runs", ["store", "model", *PRETRAIN_KEYS]).ite
     PRETRAIN_OF[name] = f"{store}-{settings_hash(settings)}"
     PRETRAIN_SETTINGS[PRETRAIN_OF[name]] = dict(settings, store=store, model=PRETRAIN_MODEL[name])
 
-RUNS = named("finetune_runs", ["model", "init", "percent", "class_agnostic", "lr", "frozen_stages", "repeat"])
+RUNS = named("finetune_runs", ["model", "init", "percent", "class_agnostic", "lr", "frozen_stages", "repeat", "seeds"])
+RUN_SEEDS = {name: [int(s) for s in run.get("seeds", SEEDS)] for name, run in RUNS.items()}  # a run's own seeds
 for name, run in RUNS.items():
     if run.get("init") and run["init"] not in PRETRAIN_OF:
         raise ValueError(f"config finetune_runs: {name} starts from unknown pre-training run {run['init']}")
@@ -124,7 +128,8 @@ def gen_masks_cmd(w):
             + flags(image_list=data["unlabeled_list"], batch_size=config["gen_batch_size"], workers=THREADS,
                     device=config["device"], method=g["method"],
                     backbone=g["backbone"], backbone_weights=g["backbone_weights"], image_size=g["image_size"],
-                    max_size=g["max_size"], min_score=g["min_score"], max_masks=g["max_masks"], nms=g["nms"]))
+                    max_size=g["max_size"], min_score=g["min_score"], max_masks=g["max_masks"], nms=g["nms"],
+                    refine=g.get("refine", "none")))
 
 
 def pretrain_cmd(w):
@@ -160,13 +165,14 @@ def finetune_cmd(w, input):
                     backbone=BACKBONE, backbone_weights=WEIGHTS, epochs=config["finetune_epochs"],
                     batch_size=config["finetune_batch_size"],
                     lr_steps=config["finetune_lr_steps"], warmup_steps=config["finetune_warmup_steps"],
-                    image_size=config["finetune_image_size"], max_size=config["finetune_max_size"], seed=w.seed,
+                    image_size=config["finetune_image_size"], max_size=config["finetune_max_size"],
+                    rotate=config["finetune_rotate"], seed=w.seed,
                     skip_bad=SKIP_BAD, **COMMON))
 
 
 def table_cmd(w, input):
-    names = ",".join(run for run in RUNS for _ in SEEDS)
-    metrics = [f"{RES}/finetune/{run}/seed{seed}/metrics.jsonl" for run in RUNS for seed in SEEDS]
+    names = ",".join(run for run in RUNS for _ in RUN_SEEDS[run])
+    metrics = [f"{RES}/finetune/{run}/seed{seed}/metrics.jsonl" for run in RUNS for seed in RUN_SEEDS[run]]
     quality = [f"{name}={CACHE}/stores/{h}.quality.json" for name, h in STORE_OF.items() if STORE_DATA[h]["unlabeled_gt"]]
     return (f"sp table {' '.join(input.evals)} --names {names} --out {RES}/results "
             + flags(metrics=metrics, early_epochs=config["early_epochs"], pseudo_masks=quality,
@@ -193,7 +199,8 @@ FIGURE_FILES = ([f"{RES}/figures/kernel_maps.png"] if FIGURES.get("kernel_maps")
                ([f"{RES}/figures/pretrain_losses.png"] if PRETRAIN_OF and FIGURES else [])
 
 
-def finetuned(run, seed=SEEDS[0]):
+def finetuned(run, seed=None):
+    seed = RUN_SEEDS.get(run, SEEDS)[0] if seed is None else seed
     return f"{RES}/finetune/{run}/seed{seed}/final.pth"
 
 
@@ -205,8 +212,8 @@ def pretrained(name, seed=PRETRAIN_SEEDS[0]):
 STORES = [f"{CACHE}/stores/{h}.zarr.done" for h in STORE_SETTINGS]
 QUALITY = [f"{CACHE}/stores/{h}.quality.json" for h, data in STORE_DATA.items() if data["unlabeled_gt"]]
 PRETRAINS = [f"{CACHE}/pretrain/{key}/seed{seed}/final.pth" for key in PRETRAIN_SETTINGS for seed in PRETRAIN_SEEDS]
-FINETUNES = [f"{RES}/finetune/{run}/seed{seed}/final.pth" for run in RUNS for seed in SEEDS]
-EVALS = [f"{RES}/finetune/{run}/seed{seed}/eval.json" for run in RUNS for seed in SEEDS]
+FINETUNES = [f"{RES}/finetune/{run}/seed{seed}/final.pth" for run in RUNS for seed in RUN_SEEDS[run]]
+EVALS = [f"{RES}/finetune/{run}/seed{seed}/eval.json" for run in RUNS for seed in RUN_SEEDS[run]]
 
 
 wildcard_constraints:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -40,16 +41,17 @@ def stage_commands(data: Path, run: Path) -> dict[str, list[str]]:
     }
 
 
-def run_measured(args: list[str], log: Path) -> tuple[float, float]:
-    """Run `sp ARGS` to completion; (wall seconds, peak RSS in MiB of that process)."""
+def run_measured(args: list[str], log: Path, env: dict | None = None) -> tuple[float, resource.struct_rusage]:
+    """Run `sp ARGS` to completion (with `env` added to the environment); (wall seconds, that process's own
+    resource usage: ru_maxrss in KiB on Linux, ru_utime and ru_stime in seconds)."""
     start = time.perf_counter()
     with open(log, "w") as out:
         child = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                                 cwd=Path(__file__).resolve().parents[1])
+                                 cwd=Path(__file__).resolve().parents[1], env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"sp {' '.join(args)} failed; its output: {log}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    return time.perf_counter() - start, usage
 
 
 def main():
@@ -70,7 +72,8 @@ def main():
         run.mkdir(parents=True, exist_ok=True)
         for stage in args.stages:
             command = stage_commands(data, run)[stage]
-            wall, rss = run_measured(command, run / f"{stage}.log")
+            wall, usage = run_measured(command, run / f"{stage}.log")
+            rss = usage.ru_maxrss / 1024
             print(f"| {stage} | {count} | {wall:.0f} | {rss:.0f} |", flush=True)
             (run / f"{stage}.json").write_text(json.dumps({"stage": stage, "images": count, "wall_s": wall,
                                                            "peak_rss_mib": rss}))

@@ -1,7 +1,9 @@
 """How much of an object's shape survives a mask predicted at stride s: each ground-truth mask of a COCO file,
 at a training resolution, averaged over s x s cells, resized back (bilinear) and thresholded at 0.5, against
 itself. Its IoU is the best any model predicting at that stride can reach for that object (K-Net predicts at
-stride 8, Mask2Former at stride 4), so the share of objects under an IoU threshold bounds mask AP there.
+stride 8, Mask2Former at stride 4), so the share of objects under an IoU threshold bounds mask AP there. Also
+counted: objects with no pixel left at the training resolution (left out of the targets), and those a majority
+vote over 4x4 cells (K-Net's stride-4 targets before issue 18) would have turned into empty targets.
 
     python experiments/mask_resolution.py ../shared/datasets/coco_subset/val/annotations.json --short 256 --long 384
 """
@@ -45,7 +47,7 @@ def main() -> None:
         if not a.get("iscrowd", 0):
             per_image.setdefault(a["image_id"], []).append(a)
     ious = {s: [] for s in args.strides}
-    areas = []
+    areas, vanished, majority_empty = [], 0, 0
     for image_id, anns in per_image.items():
         img = images[image_id]
         h, w = resized_size(img["height"], img["width"], args.short, args.long)
@@ -54,11 +56,15 @@ def main() -> None:
         masks = F.interpolate(torch.from_numpy(full)[None].float(), size=(h, w), mode="nearest")[0] > 0.5
         masks = F.pad(masks, (0, wp - w, 0, hp - h))
         keep = masks.flatten(1).any(1)
+        vanished += int((~keep).sum())
+        majority_empty += int(((F.avg_pool2d(masks[keep][None].float(), 4)[0] > 0.5).flatten(1).sum(1) == 0).sum())
         areas += masks[keep].flatten(1).sum(1).tolist()
         for s in args.strides:
             ious[s] += round_trip_iou(masks[keep], s).tolist()
     areas = np.array(areas)
-    print(f"{len(areas)} objects of {args.ann} at short side {args.short} (long <= {args.long})")
+    print(f"{len(areas) + vanished} objects of {args.ann} at short side {args.short} (long <= {args.long}): "
+          f"{vanished} with no pixel left, {majority_empty} more with an empty 4x4-majority target; "
+          "areas (size columns) at that resolution")
     print("| stride | objects | mean IoU | IoU >= 0.5 | IoU >= 0.75 | IoU >= 0.9 | " +
           " | ".join(f"mean IoU {k} ({int(((areas >= lo) & (areas < hi)).sum())})" for k, (lo, hi) in SIZES.items())
           + " |")

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 import torchvision
 from torch import Tensor, nn
 
@@ -28,6 +29,14 @@ STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
 # torchvision's ImageNet normalisation, RGB, for pixels scaled to [0, 1]; every backbone here was trained with it.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def unnormalise(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The colours of one ImageNet-normalised image of a padded batch, its own (unpadded) region in [0, 1]:
+    (3, Hp, Wp) -> (3, height, width)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
+    return (image[:, :height, :width] * std + mean).clamp(0, 1)
 
 
 class FeatureBackbone(nn.Module):

@@ -24,7 +24,7 @@ from models.backbone import build_backbone
 from models.fpn import sine_position_encoding
 from models.mask2former_losses import mask2former_losses
 from models.pixel_decoder import PixelDecoder
-from models.query_model import PromptFn, maps_at_image_size
+from models.query_model import PromptFn, maps_at_image_size, mask_quality
 from models.saliency import mask_boxes
 
 
@@ -196,8 +196,7 @@ class Mask2Former(nn.Module):
             probs, inverse = maps_at_image_size(last["masks"][b], query, images.shape[-2:], (h, w), (h0, w0))
             probs = probs.sigmoid()
             masks = probs > self.cfg.mask_threshold_test
-            mask_scores = (probs * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
-            scores, order = (scores * mask_scores[inverse]).sort(descending=True)
+            scores, order = (scores * mask_quality(probs, masks)[inverse]).sort(descending=True)
             chosen = inverse[order]
             results.append(dict(scores=scores, labels=labels[order], masks=masks[chosen], boxes=mask_boxes(masks)[chosen]))
         return results

@@ -61,3 +61,9 @@ def maps_at_image_size(maps: Tensor, index: Tensor, padded_hw: Sequence[int], va
     h, w = valid_hw
     resized = F.interpolate(resized[..., :h, :w], size=tuple(orig_hw), mode="bilinear", align_corners=False)[0]
     return resized, inverse
+
+
+def mask_quality(probs: Tensor, masks: Tensor) -> Tensor:
+    """Mean probability inside each binary mask, (U, h, w) probabilities and masks -> (U,): Mask2Former's
+    mask score, which multiplies the class score so that confident, well-delimited masks rank first."""
+    return (probs * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from models.mask_refinement import RefineConfig, refine_maps
+
 
 @dataclass(frozen=True)
 class SaliencyConfig:
@@ -229,14 +231,22 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
 
 
 def image_masks(cand: Candidates, index: int, grid_hw, resized_hw, image_hw, cfg: SaliencyConfig,
-                mask_threshold: float = 0.5):
-    """Final masks of image `index` of a batch: upsample its candidates, binarise, apply the filters.
+                mask_threshold: float = 0.5, refine: RefineConfig = RefineConfig(),
+                guide: torch.Tensor | None = None):
+    """Final masks of image `index` of a batch: upsample its candidates (refined with the image `guide`,
+    (3, Hr, Wr) in [0, 1], unless `refine.method` is "none"), binarise, apply the filters.
 
     Returns keep (K',) long indices into the candidates, masks (K', H, W) bool and boxes (K', 4) xyxy.
     """
     score = cand.score[index]
     slots = torch.nonzero(score >= cfg.min_score).flatten()
-    masks = upsample_to_image(cand.soft[index, slots], grid_hw, resized_hw, image_hw) > mask_threshold
+    soft = cand.soft[index, slots]
+    if refine.method == "none":
+        soft = upsample_to_image(soft, grid_hw, resized_hw, image_hw)
+    else:
+        soft = refine_maps(upsample_to_image(soft, grid_hw, resized_hw, refine.work_size(resized_hw)), guide,
+                           image_hw, refine)
+    masks = soft > mask_threshold
     boxes = mask_boxes(masks)
     height, width = image_hw
     rows = masks.sum(2).float()  # (K', H) row projection: its centre of mass is the mask's centre

@@ -15,6 +15,12 @@ from pipeline.cli_common import (DEFAULT_BACKBONE, Backbone, BackboneWeights, Ba
                                  resolve_device, store_app)
 
 
+class Refine(str, Enum):
+    none = "none"
+    superpixel = "superpixel"
+    guided = "guided"
+
+
 @app.command("gen-masks")
 def gen_masks(
     images_dir: Annotated[Path, typer.Argument(help="Folder of unlabeled images (searched recursively).")],
@@ -46,11 +52,30 @@ def gen_masks(
     max_width_frac: Annotated[float, typer.Option(help="Drop masks whose box is at least this fraction of the image width.")] = 0.95,
     min_center_y_frac: Annotated[float, typer.Option(help="Drop masks centred above this fraction of the image height.")] = 0.2,
     mask_threshold: Annotated[float, typer.Option(help="Threshold of the soft map upsampled to image size.")] = 0.5,
+    refine: Annotated[Refine, typer.Option(help="Refine each kept soft map with the image before thresholding it "
+                                           "(saliency only): superpixel (default) gives every Felzenszwalb segment "
+                                           "of the image the map's mean inside it, so masks follow colour edges; "
+                                           "guided filters the map with the image as guide (fast guided filter); "
+                                           "none is the paper's generator (bilinear upsampling of the C5 map). "
+                                           "Measured in bench/README.md.")] = Refine.superpixel,
+    refine_downsample: Annotated[int, typer.Option(min=1, help="--refine superpixel: segment the backbone input "
+                                                   "shrunk by this factor; guided: the filter's subsampling.")] = 2,
+    superpixel_scale: Annotated[float, typer.Option(help="--refine superpixel: Felzenszwalb's scale (larger: "
+                                                    "larger segments).")] = 400.0,
+    superpixel_sigma: Annotated[float, typer.Option(help="--refine superpixel: Gaussian smoothing before "
+                                                    "segmenting, in pixels of the shrunk image.")] = 0.5,
+    superpixel_min_size: Annotated[int, typer.Option(min=1, help="--refine superpixel: smallest segment, in pixels "
+                                                     "of the shrunk image.")] = 100,
+    guided_radius: Annotated[int, typer.Option(min=1, help="--refine guided: window radius, in pixels of the "
+                                               "backbone input.")] = 64,
+    guided_eps: Annotated[float, typer.Option(help="--refine guided: regulariser of the local colour variance "
+                                              "(colours in [0, 1]; smaller keeps more edges).")] = 0.01,
     random_boxes: Annotated[int, typer.Option(help="--method random: boxes per image.")] = 20,
     random_seed: Annotated[int, typer.Option(help="--method random: seed of the boxes.")] = 0,
     init_seed: Annotated[int, typer.Option(help="Seed of the random backbone when no weights are given.")] = 0,
 ):
     """Stage 1: pseudo masks from seed-convolution saliency, written to a resumable Zarr store."""
+    from models.mask_refinement import RefineConfig
     from models.saliency import SaliencyConfig
     from stages.gen_masks import GenerationSettings, RunOptions, generate, parse_shard
     from stages.image_data import read_image_list
@@ -64,7 +89,11 @@ def gen_masks(
             saliency=SaliencyConfig(seed_pools=pools, threshold=threshold, min_cells=min_cells, nms=nms.value,
                                     matrix_sigma=matrix_sigma, iou_threshold=iou_threshold, max_masks=max_masks,
                                     min_score=min_score, max_width_frac=max_width_frac,
-                                    min_center_y_frac=min_center_y_frac))
+                                    min_center_y_frac=min_center_y_frac),
+            # random boxes are not saliency maps: nothing to refine
+            refine=RefineConfig(method=refine.value if method is Method.saliency else "none",
+                                downsample=refine_downsample, scale=superpixel_scale, sigma=superpixel_sigma,
+                                min_size=superpixel_min_size, radius=guided_radius, eps=guided_eps))
         options = RunOptions(batch_size=batch_size, workers=workers, device=resolve_device(device),
                              shard=parse_shard(shard) if shard else None, limit=limit, commit_images=commit_every)
         names = read_image_list(image_list, images_dir) if image_list else None

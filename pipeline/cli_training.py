@@ -135,8 +135,10 @@ def finetune_cmd(
     rotate: Annotated[float, typer.Option(help="Random rotation up to this many degrees on half of the images (§4.1: 9).")] = 0.0,
     image_size: ImageSize = 800,
     max_size: MaxSize = 1333,
-    mask_threshold: Annotated[float, typer.Option(help="Query models' test-time mask threshold (the authors: 0.3 "
-                                                  "for K-Net on COCO).")] = 0.5,
+    mask_threshold: Annotated[Optional[float], typer.Option(help="Query models' test-time mask threshold (default: "
+                                                            "the model's: K-Net 0.3, as its authors on COCO and "
+                                                            "chosen so on held-apart photos here; Mask2Former and "
+                                                            "QueryInst 0.5).")] = None,
     max_per_image: Annotated[int, typer.Option(help="Detections kept per image (top-k over queries x classes).")] = 100,
     eval_every: Annotated[int, typer.Option(min=1, help="Evaluate on the validation set every N epochs.")] = 1,
     eval_at: Annotated[Optional[list[int]], typer.Option(help="Evaluate after these epochs (repeat the option) "
@@ -203,6 +205,9 @@ def evaluate_cmd(
     decode_images: DecodeImages = False,
     mask_threshold: Annotated[Optional[float], typer.Option(help="Test-time mask threshold (default: the one the "
                                                             "model was fine-tuned with).")] = None,
+    mask_quality_score: Annotated[bool, typer.Option(help="K-Net: rank detections by class score x the mean mask "
+                                                     "probability inside the mask (Mask2Former's rule) instead of "
+                                                     "the class score alone (K-Net's).")] = False,
 ):
     """Mask and box AP, AP50, AP75, APs, APm, APl of a fine-tuned (or, class-agnostic, a pre-trained) model
     (faster-coco-eval when installed)."""
@@ -215,7 +220,8 @@ def evaluate_cmd(
     try:
         dev = resolve_device(device)
         checked = load_checked_coco(ann, images, EVALUATION, skip_bad, decode_images)
-        model, state = load_checkpoint_model(checkpoint, dev, pretrained_ok=True, mask_threshold=mask_threshold)
+        model, state = load_checkpoint_model(checkpoint, dev, pretrained_ok=True, mask_threshold=mask_threshold,
+                                             mask_quality_score=mask_quality_score)
         args = state["args"]
         # a pre-trained model has one class, 'fg': it is scored class-agnostically, as the paper's Table 6
         agnostic = class_agnostic or state["kind"] == "sp-pretrain" or args.get("class_agnostic", False)

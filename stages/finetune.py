@@ -24,7 +24,7 @@ from pipeline.plots import line_chart
 from stages.coco_check import EVALUATION, TRAINING, checked_data, load_checked_coco, same_categories, write_skipped
 from stages.coco_data import CocoInstances, one_class
 from stages.evaluate import coco_evaluate, predictions_to_results
-from stages.inference import predict_images, unnormalise
+from stages.inference import predict_images, unnormalise_batch
 from stages.pseudo_label_data import collate_training
 from stages.training import (LoopConfig, Schedule, config_dict, forward_losses, init_distributed, link_checkpoint,
                              prepare_run_folder, read_checkpoint, seed_everything, train_loop)
@@ -57,7 +57,7 @@ class FinetuneConfig(LoopConfig):
     rotate_deg: float = 0.0  # §4.1 uses 9 (applied to half of the images)
     image_size: int = 800
     max_size: int = 1333
-    mask_threshold: float = 0.5  # query models' test-time mask threshold; the authors use 0.3 for K-Net on COCO
+    mask_threshold: float | None = None  # query models' test-time mask threshold (None: the model's, K-Net 0.3)
     max_per_image: int = 100
     eval_every: int = 1
     eval_at: tuple[int, ...] = ()  # evaluate after these epochs (and the last) instead of every eval_every
@@ -83,7 +83,7 @@ def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
 # Model settings that may differ between pre-training and fine-tuning (classes, freezing, test-time and loss
 # settings); any other difference is another architecture, whose tensors would silently stay random.
 FREE_MODEL_SETTINGS = {"num_classes", "frozen_stages", "norm_eval", "mask_threshold_test", "max_per_image",
-                       "num_points", "oversample_ratio", "importance_sample_ratio"}
+                       "mask_quality_score", "num_points", "oversample_ratio", "importance_sample_ratio"}
 
 
 def load_pretrained(model: nn.Module, path: Path, kind: str) -> dict[str, list[str]]:
@@ -124,9 +124,9 @@ def build(cfg: FinetuneConfig, num_classes: int):
         optimizer = maskrcnn_optimizer(model, lr=cfg.lr or 0.02,
                                        weight_decay=1e-4 if cfg.weight_decay is None else cfg.weight_decay)
         return model, mc, optimizer
+    threshold = {} if cfg.mask_threshold is None else {"mask_threshold_test": cfg.mask_threshold}
     mc = query_model_config(cfg.model, small=cfg.small, backbone=cfg.backbone, num_classes=num_classes,
-                            frozen_stages=cfg.frozen_stages, mask_threshold_test=cfg.mask_threshold,
-                            max_per_image=cfg.max_per_image)
+                            frozen_stages=cfg.frozen_stages, max_per_image=cfg.max_per_image, **threshold)
     model = build_query_model(mc, cfg.backbone_weights)
     if cfg.init is not None:
         load_pretrained(model, cfg.init, cfg.model)
@@ -144,7 +144,7 @@ def loss_function(model: nn.Module, kind: str, device: str):
         return forward_losses(model, batch["images"].to(device), targets, device)[1]
 
     def maskrcnn_loss(batch, step):
-        images = unnormalise(batch["images"].to(device), batch["image_hw"])
+        images = unnormalise_batch(batch["images"].to(device), batch["image_hw"])
         targets = [{"masks": t["full_masks"][:, :h, :w].to(device), "labels": t["labels"].to(device)}
                    for t, (h, w) in zip(batch["targets"], batch["image_hw"])]
         return model.loss(images, targets)

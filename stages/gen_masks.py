@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from models.backbone import build_backbone
 from models.backbone_weights import file_sha256
+from models.mask_refinement import RefineConfig, guide_image
 from models.saliency import SaliencyConfig, image_masks, mask_boxes, select_candidates
 from stages.image_data import Batch, ImageFolder, batch_loader, list_images
 from store import rle
@@ -44,6 +45,7 @@ class GenerationSettings:
     max_size: int = 1333  # cap on the long side
     mask_threshold: float = 0.5  # on the upsampled soft map
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)  # saliency masks only
     random_boxes: int = 20  # --method random: boxes per image
     random_seed: int = 0
     source_sha256: str | None = None  # method "import": the imported JSON
@@ -51,6 +53,11 @@ class GenerationSettings:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["saliency"]["seed_pools"] = list(d["saliency"]["seed_pools"])
+        # "none" is left out: the paper's generator keeps the settings, hash and stores it had before refinement
+        # existed (issue 20); any other refinement is recorded with the settings of its method.
+        del d["refine"]
+        if self.refine.method != "none":
+            d["refine"] = self.refine.to_dict()
         return d
 
 
@@ -100,9 +107,11 @@ Proposal = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.T
 def saliency_proposals(c5: torch.Tensor, batch: Batch, settings: GenerationSettings) -> list[Proposal]:
     cand = select_candidates(c5, batch.grid_valid(c5.shape[-2:]).to(c5.device), settings.saliency)
     out = []
+    refine = settings.refine
     for b in range(len(batch.index)):
+        guide = None if refine.method == "none" else guide_image(batch.images, b, batch.resized_hw[b]).to(c5.device)
         keep, masks, boxes = image_masks(cand, b, batch.grid_hw[b], batch.resized_hw[b], batch.image_hw[b],
-                                         settings.saliency, settings.mask_threshold)
+                                         settings.saliency, settings.mask_threshold, refine=refine, guide=guide)
         out.append((masks, boxes, cand.score[b, keep], cand.seed[b, keep], cand.seed_feature[b, keep]))
     return out
 

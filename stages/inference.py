@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.backbone import IMAGENET_MEAN, IMAGENET_STD
+from models.backbone import unnormalise
 from models.build import build_query_model, query_model_spec
 from models.maskrcnn import MaskRCNNConfig, build_maskrcnn_adapter
 from stages.image_data import ImageFolder, batch_loader
@@ -33,11 +33,12 @@ def build_model(kind: str, config: dict) -> nn.Module:
             logging.getLogger("models.backbone").disabled = False
 
 
-def load_checkpoint_model(path: Path, device: str, pretrained_ok: bool = False,
-                          mask_threshold: float | None = None) -> tuple[nn.Module, dict]:
+def load_checkpoint_model(path: Path, device: str, pretrained_ok: bool = False, mask_threshold: float | None = None,
+                          mask_quality_score: bool = False) -> tuple[nn.Module, dict]:
     """The model of a `sp finetune` checkpoint, in eval mode, and the checkpoint dict (categories, args, ...).
     pretrained_ok: also the K-Net of a `sp pretrain` checkpoint (its prompt module is not loaded);
-    mask_threshold: the test-time mask threshold instead of the one the model was trained with."""
+    mask_threshold: the test-time mask threshold instead of the one the model was trained with;
+    mask_quality_score: K-Net ranks by class score x mask quality (Mask2Former's rule)."""
     state = read_checkpoint(path, "checkpoint")
     if pretrained_ok and state.get("kind") == "sp-pretrain":
         state = {"model_kind": "knet", **state}
@@ -48,6 +49,11 @@ def load_checkpoint_model(path: Path, device: str, pretrained_ok: bool = False,
     config = dict(state.get("model_config", {}))
     if mask_threshold is not None:
         config["mask_threshold" if state.get("model_kind") == "maskrcnn" else "mask_threshold_test"] = mask_threshold
+    if mask_quality_score:
+        if state.get("model_kind") != "knet":
+            raise ValueError(f"{path}: mask-quality scoring is a K-Net test-time option (Mask2Former always "
+                             f"scores so; this is a {state.get('model_kind')} checkpoint)")
+        config["mask_quality_score"] = True
     try:
         model = build_model(state["model_kind"], config)
         model.load_state_dict(state["model"])
@@ -57,11 +63,9 @@ def load_checkpoint_model(path: Path, device: str, pretrained_ok: bool = False,
     return model.to(device).eval(), state
 
 
-def unnormalise(images: torch.Tensor, sizes) -> list[torch.Tensor]:
+def unnormalise_batch(images: torch.Tensor, sizes) -> list[torch.Tensor]:
     """Padded normalised batch → list of 0-1 RGB crops (Mask R-CNN normalises and resizes by itself)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
-    return [(images[b, :, :h, :w] * std + mean).clamp(0, 1) for b, (h, w) in enumerate(sizes)]
+    return [unnormalise(image, h, w) for image, (h, w) in zip(images, sizes)]
 
 
 @torch.no_grad()
@@ -75,7 +79,7 @@ def predict_images(model: nn.Module, kind: str, images_dir: Path, file_names: li
             continue
         images = batch.images.to(device)
         if kind == "maskrcnn":
-            predictions = model.predict(unnormalise(images, batch.resized_hw), batch.image_hw)
+            predictions = model.predict(unnormalise_batch(images, batch.resized_hw), batch.image_hw)
         else:
             predictions = model.predict(images, batch.resized_hw, batch.image_hw)
         for index, prediction in zip(batch.index, predictions):

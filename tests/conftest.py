@@ -34,7 +34,7 @@ def demo(tmp_path_factory) -> dict:
 def real_photos(tmp_path_factory) -> Path:
     """A folder of real photographs (scikit-image's bundled ones) in the modes and formats users have: RGB and
     grayscale PNG, RGBA PNG, and JPEG, of different sizes."""
-    data = pytest.importorskip("skimage.data", reason="scikit-image (the test extra) gives the real photos")
+    data = pytest.importorskip("skimage.data", reason="scikit-image (a dependency) gives the real photos")
     folder = tmp_path_factory.mktemp("photos")
     Image.fromarray(data.astronaut()).save(folder / "astronaut.png")
     Image.fromarray(data.camera()).save(folder / "camera.png")  # 8-bit grayscale
@@ -65,7 +65,7 @@ def write_png16(path: Path, pixels: np.ndarray) -> None:
 def image_modes(tmp_path_factory) -> Path:
     """One photo (scikit-image's cat, 60x90) in every mode labeled data comes in: RGB, grayscale, RGBA, palette,
     16-bit grayscale and RGB PNG, CMYK JPEG, and a JPEG whose EXIF says "rotate 90°" (stored 60x90)."""
-    data = pytest.importorskip("skimage.data", reason="scikit-image (the test extra) gives the real photos")
+    data = pytest.importorskip("skimage.data", reason="scikit-image (a dependency) gives the real photos")
     folder = tmp_path_factory.mktemp("modes")
     rgb = Image.fromarray(data.chelsea()).resize((90, 60), Image.BILINEAR)
     rgb.save(folder / "rgb.png")

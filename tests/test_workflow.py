@@ -97,6 +97,28 @@ def test_pretraining_runs_take_a_model(tmp_path):
     assert out.count("--model mask2former") == 3  # one pre-training, two fine-tuning runs
 
 
+def test_a_shared_cache_per_store_images_repeat_and_a_split_per_seed(tmp_path):
+    """cache: stores and pre-trainings live there (another experiment naming it reuses them); a store may read its
+    own images without ground truth; `repeat` reaches sp finetune; with split_per_seed each fine-tuning seed
+    trains on its own split."""
+    (tmp_path / "more.txt").write_text("train/a.jpg\n")
+    config = {"cache": "shared", "stores": [{"name": "saliency"},
+                                           {"name": "more", "unlabeled_images": "elsewhere",
+                                            "unlabeled_list": "more.txt", "unlabeled_gt": ""}],
+              "pretrain_runs": [{"name": "sp", "store": "saliency"}, {"name": "sp_more", "store": "more"}],
+              "finetune_runs": [{"name": "r", "model": "knet", "init": "sp_more", "percent": 25, "repeat": 4}],
+              "seeds": [0, 1], "pretrain_seeds": [0], "split_per_seed": True, "finetune_rotate": 9}
+    out = snakemake(tmp_path, "all", "-p", config=config)
+    counts = job_counts(out)
+    assert counts["merge_store"] == 2 and counts["store_quality"] == 1  # only the store with a ground truth
+    assert counts["split_labels"] == 2 and counts["finetune_run"] == 2
+    assert "sp gen-masks elsewhere --store shared/stores/" in out and "--image-list more.txt" in out
+    assert "--images elsewhere --out shared/pretrain/" in out  # pre-training reads the store's images
+    assert "train.1@25_labeled.json" in out and "train.2@25_labeled.json" in out  # seeds 0, 1: splits 1, 2
+    assert out.count("--repeat 4") == 2 and out.count("--rotate 9") == 2
+    assert "results/stores" not in out and "results/pretrain" not in out
+
+
 @pytest.mark.parametrize("section, entry, message", [
     ("pretrain_runs", {"name": "p", "promt": "cosine"}, "only the keys"),
     ("finetune_runs", {"name": "r", "model": "knet", "init": "nowhere"}, "unknown pre-training run nowhere"),

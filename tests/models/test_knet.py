@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -82,6 +83,7 @@ def test_predict_crops_the_valid_region_and_resizes(model, monkeypatch):
     logits[0, 1, 1] = 2.0  # second: kernel 1, class 1
     fake = [dict(masks=masks, logits=logits, queries=None)]
     monkeypatch.setattr(model, "forward", lambda images: (fake, {}))
+    monkeypatch.setattr(model, "cfg", replace(model.cfg, mask_threshold_test=0.5))  # the edges below are at 0.5
     (res,) = model.predict(torch.zeros(1, 3, 64, 64), [(32, 32)], [(100, 80)])
     k = min(model.cfg.max_per_image, n * num_classes)
     assert res["scores"].shape == res["labels"].shape == (k,)
@@ -202,3 +204,30 @@ def test_semantic_head_loss_reaches_the_fusion_fpn_and_backbone():
     assert any(g is not None and g.abs().sum() > 0 for g in backbone)
     # it is a semantic signal: the kernels' own masks do not get it (no gradient into init_kernels)
     assert model.rpn.init_kernels.weight.grad is None or model.rpn.init_kernels.weight.grad.abs().sum() == 0
+
+
+def test_mask_quality_score_ranks_confident_masks_first(model, monkeypatch):
+    """With mask_quality_score a detection's score is its class score times the mean probability inside its mask
+    (Mask2Former's rule): a slightly better-classified but blurry mask drops below a sharp one; off (K-Net's
+    rule, the default), the class score alone ranks."""
+    n, num_classes = model.cfg.num_kernels, 3
+    masks = torch.full((1, n, 16, 16), -10.0)
+    masks[0, 0, :8, :8] = 0.3  # kernel 0: barely above 0.5 everywhere it is on (probability 0.57)
+    masks[0, 1, 8:, 8:] = 8.0  # kernel 1: confident (probability ~1)
+    logits = torch.full((1, n, num_classes), -9.0)
+    logits[0, 0, 0], logits[0, 1, 0] = 2.0, 1.5
+    fake = [dict(masks=masks, logits=logits, queries=None)]
+    monkeypatch.setattr(model, "forward", lambda images: (fake, {}))
+    monkeypatch.setattr(model, "cfg", replace(model.cfg, mask_threshold_test=0.5))
+    (plain,) = model.predict(torch.zeros(1, 3, 64, 64), [(64, 64)], [(64, 64)])
+    monkeypatch.setattr(model, "cfg", replace(model.cfg, mask_threshold_test=0.5, mask_quality_score=True))
+    (rescored,) = model.predict(torch.zeros(1, 3, 64, 64), [(64, 64)], [(64, 64)])
+    assert plain["masks"][0, 4:28, 4:28].all() and plain["masks"][1, 36:, 36:].all()  # kernel 0 first, then 1
+    assert torch.equal(rescored["masks"][0], plain["masks"][1]) and torch.equal(rescored["masks"][1], plain["masks"][0])
+    probs = F.interpolate(masks[0, :2][None].sigmoid(), size=(64, 64), mode="bilinear", align_corners=False)[0]
+    binary = probs > 0.5
+    quality = (probs * binary).flatten(1).sum(1) / binary.flatten(1).sum(1)  # ~0.55 and ~1
+    want = torch.sigmoid(torch.tensor([1.5, 2.0])) * quality[[1, 0]]
+    torch.testing.assert_close(rescored["scores"][:2], want, rtol=1e-4, atol=1e-4)
+    assert torch.all(rescored["scores"][:-1] >= rescored["scores"][1:])
+    assert torch.equal(rescored["boxes"][0], plain["boxes"][1]) and rescored["labels"][:2].tolist() == [0, 0]

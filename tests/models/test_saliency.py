@@ -5,8 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.mask_refinement import RefineConfig, guide_image
 from models.saliency import (SaliencyConfig, greedy_nms, image_masks, mask_boxes, mask_iou, matrix_nms,
                              saliency_maps, select_candidates, upsample_to_image)
+from stages.image_data import MEAN, STD
 
 
 def scene_features(h, w, d=16, objects=3, seed=0):
@@ -31,11 +33,28 @@ def padded_batch(sizes, pad_hw, d=16):
     return feats, valid, singles
 
 
+def scene_photo(h, w, seed):
+    """An (3, h, w) picture in [0, 1]: a few flat-coloured rectangles on a noisy background."""
+    g = torch.Generator().manual_seed(seed)
+    photo = torch.rand(3, 1, 1, generator=g) + 0.05 * torch.randn(3, h, w, generator=g)
+    for _ in range(4):
+        y, x = torch.randint(0, h - 20, (1,), generator=g).item(), torch.randint(0, w - 20, (1,), generator=g).item()
+        photo[:, y:y + 40, x:x + 60] = torch.rand(3, 1, 1, generator=g)
+    return photo.clamp(0, 1)
+
+
+@pytest.mark.parametrize("refine", ["none", "superpixel", "guided"])
 @pytest.mark.parametrize("nms", ["matrix", "greedy"])
-def test_batched_equals_per_image(nms):
+def test_batched_equals_per_image(nms, refine):
+    """Candidates and final masks of an image in a padded batch equal those of the image alone, with and
+    without refinement (which must see only the image's own pixels, not the padding)."""
     cfg = SaliencyConfig(nms=nms, min_score=0.0, max_masks=10, min_center_y_frac=0.0, max_width_frac=1.01)
+    refine_cfg = RefineConfig(method=refine, radius=16)
     sizes = [(5, 7), (8, 6), (7, 9)]
     feats, valid, singles = padded_batch(sizes, (9, 10))
+    images = 5 * torch.randn(len(sizes), 3, 9 * 32, 10 * 32)  # garbage in the padding must not matter
+    for i, (h, w) in enumerate(sizes):
+        images[i, :, :h * 32 - 5, :w * 32 - 9] = (scene_photo(h * 32 - 5, w * 32 - 9, seed=i) - MEAN) / STD
     batched = select_candidates(feats, valid, cfg)
     for i, (h, w) in enumerate(sizes):
         alone = select_candidates(singles[i][None], torch.ones(1, h, w, dtype=torch.bool), cfg)
@@ -48,9 +67,13 @@ def test_batched_equals_per_image(nms):
         torch.testing.assert_close(batched.soft[i, :n, :h, :w], alone.soft[0, :n])
         assert (batched.score[i, n:] < 0).all()
         image_hw = (h * 32 - 5, w * 32 - 9)
-        kb, mb, bb = image_masks(batched, i, (h, w), image_hw, image_hw, cfg)
-        ka, ma, ba = image_masks(alone, 0, (h, w), image_hw, image_hw, cfg)
+        own = images[i:i + 1, :, :image_hw[0], :image_hw[1]].clone()  # the image alone, unpadded
+        kb, mb, bb = image_masks(batched, i, (h, w), image_hw, image_hw, cfg, refine=refine_cfg,
+                                 guide=guide_image(images, i, image_hw))
+        ka, ma, ba = image_masks(alone, 0, (h, w), image_hw, image_hw, cfg, refine=refine_cfg,
+                                 guide=guide_image(own, 0, image_hw))
         assert torch.equal(kb, ka) and torch.equal(mb, ma) and torch.equal(bb, ba)
+        assert mb.any((1, 2)).sum() >= 2
 
 
 def naive_saliency(f, pools):

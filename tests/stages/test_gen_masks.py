@@ -12,8 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from typer.testing import CliRunner
+
 from conftest import assert_stores_equal
 from models.backbone import resolve_backbone_weights
+from models.mask_refinement import RefineConfig
+from pipeline.cli import app
 from stages.eval_masks import evaluate_pseudo_masks
 from stages.gen_masks import GenerationSettings, RunOptions, generate, part_path, shard_range
 from store import rle
@@ -67,6 +71,44 @@ def test_padding_in_a_batch_does_not_change_any_mask(demo, tiny_settings, tmp_pa
     assert len(set(zip(one.image_array("height"), one.image_array("width")))) > 1  # padding did happen
     assert one.mask_offset[-1] > 12
     assert_stores_equal(one, four, float_atol=1e-3)  # float16 features: 1e-3 is a few ulps
+
+
+@pytest.mark.parametrize("method", ["superpixel", "guided"])
+def test_refined_masks_do_not_depend_on_batching(demo, tiny_settings, tmp_path, monkeypatch, method):
+    """With refinement on, batches of 4 (padded) give the store of batch size 1, and the refinement changes
+    the masks (it is not silently skipped)."""
+    monkeypatch.setattr("stages.gen_masks.build_backbone", lambda *a, **k: CellFeatures())
+    tiny_settings.saliency = type(tiny_settings.saliency)(min_score=0.0)
+    plain = generate(demo["unlabeled"], tmp_path / "plain.zarr", tiny_settings, RunOptions(batch_size=4, workers=0))
+    tiny_settings.refine = RefineConfig(method=method, downsample=2, radius=8)
+    one = generate(demo["unlabeled"], tmp_path / "b1.zarr", tiny_settings, RunOptions(batch_size=1, workers=0))
+    four = generate(demo["unlabeled"], tmp_path / "b4.zarr", tiny_settings, RunOptions(batch_size=4, workers=0))
+    assert one.mask_offset[-1] > 12
+    assert_stores_equal(one, four, float_atol=1e-3)
+    assert one.rle_images(0, 12) != plain.rle_images(0, 12)
+
+
+def test_refinement_is_a_recorded_setting_and_another_is_refused_on_resume(demo, tiny_settings, tmp_path):
+    options = RunOptions(batch_size=4, workers=0, limit=4)
+    # the paper's generator keeps the settings (and so the hash) its stores had before refinement existed
+    assert "refine" not in tiny_settings.to_dict()
+    tiny_settings.refine = RefineConfig(method="superpixel")
+    store = generate(demo["unlabeled"], tmp_path / "s.zarr", tiny_settings, options)
+    assert store.attrs["settings"]["refine"] == {"method": "superpixel", "downsample": 2, "scale": 400.0,
+                                                 "sigma": 0.5, "min_size": 100}
+    tiny_settings.refine = RefineConfig(method="superpixel", scale=100.0)
+    with pytest.raises(StoreError, match="refine: store=.*'scale': 400.0.* now=.*'scale': 100.0"):
+        generate(demo["unlabeled"], tmp_path / "s.zarr", tiny_settings, options)
+    tiny_settings.refine = RefineConfig()
+    with pytest.raises(StoreError, match="refine: store=.*'superpixel'.* now=None"):
+        generate(demo["unlabeled"], tmp_path / "s.zarr", tiny_settings, options)
+
+
+def test_gen_masks_help_explains_the_refinement():
+    text = " ".join(CliRunner().invoke(app, ["gen-masks", "--help"], env={"COLUMNS": "200"}).output.split())
+    for words in ("--refine", "none|superpixel|guided", "Felzenszwalb segment", "paper's generator",
+                  "[default: superpixel]", "--superpixel-scale", "--guided-radius", "--refine-downsample"):
+        assert words in text, words
 
 
 def test_real_photos_in_every_mode_give_full_size_masks_independent_of_batching(real_photos, tiny_settings,

@@ -400,7 +400,7 @@ def compare_cmd(
     device: Device = "auto",
 ):
     """Fine-tuned checkpoints' predictions on the same photos side by side: a column per checkpoint, a row per photo."""
-    from pipeline.plots import save
+    from stages.plots import save
     from stages.compare import comparison_figure
 
     labels = display_names(checkpoints, names, "checkpoints")

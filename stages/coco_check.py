@@ -270,9 +270,10 @@ def _file_problem(path: Path, height: int, width: int, decode: bool) -> tuple[st
 
 
 def check_image_files(data: dict, images_dir: Path, decode: bool = False, exclude: set[int] = frozenset(),
-                      threads: int = THREADS) -> list[Problem]:
+                      threads: int = THREADS, source: Path | str = "the JSON") -> list[Problem]:
     """A problem for every image file (of the images not in `exclude`) that is missing, unreadable, truncated
-    or of another size than its record states."""
+    or of another size than its record states. source: the COCO file the records come from, for the error
+    when none of its images is in the folder."""
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise CocoError(f"image folder {images_dir} " + ("is not a folder" if images_dir.exists() else
@@ -285,7 +286,7 @@ def check_image_files(data: dict, images_dir: Path, decode: bool = False, exclud
     problems = [Problem(kind, _image_record(k, images[k]), detail, image=k)
                 for k, problem in zip(todo, found) if problem for kind, detail in [problem]]
     if todo and len(problems) == len(todo) and all(p.kind == "image file missing" for p in problems):
-        raise CocoError(f"none of the {len(todo)} images of the JSON is in {images_dir}, e.g. "
+        raise CocoError(f"none of the {len(todo)} images of {source} is in {images_dir}, e.g. "
                         f"{images[todo[0]]['file_name']!r}: is it the right image folder?")
     return problems
 
@@ -337,7 +338,7 @@ def load_checked_coco(path: Path, images_dir: Path | None = None, needs: tuple[s
     data = read_coco_json(path, needs)
     problems = check_records(data, needs)
     if images_dir is not None:
-        problems += check_image_files(data, images_dir, decode, exclude={p.image for p in problems})
+        problems += check_image_files(data, images_dir, decode, exclude={p.image for p in problems}, source=path)
     if not problems:
         return CheckedCoco(data)
     unskippable = any(p.image is None and p.annotation is None for p in problems)

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from models.saliency import mask_boxes
-from pipeline.plots import image_grid
+from stages.plots import image_grid
 from stages.coco_check import checked_data
 from stages.image_data import list_images, load_image
 from stages.import_coco import annotation_mask

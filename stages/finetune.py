@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from models.backbone_weights import weights_record
 from models.build import build_query_model, query_model_config
 from models.maskrcnn import MaskRCNNConfig, build_maskrcnn_adapter, maskrcnn_optimizer
-from pipeline.plots import line_chart
+from stages.plots import line_chart
 from stages.coco_check import EVALUATION, TRAINING, checked_data, load_checked_coco, same_categories, write_skipped
 from stages.coco_data import CocoInstances, one_class
 from stages.evaluate import coco_evaluate, predictions_to_results

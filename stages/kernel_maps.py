@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.plots import heatmap_grid, save
+from stages.plots import heatmap_grid, save
 from stages.image_data import ImageFolder, batch_loader, list_images
 from stages.inference import load_checkpoint_model
 

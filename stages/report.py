@@ -13,7 +13,7 @@ import math
 import statistics
 from pathlib import Path
 
-from pipeline.plots import Points, line_chart, panel_chart
+from stages.plots import Points, line_chart, panel_chart
 
 COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 NOT_LOSSES = {"step", "epoch", "lr", "grad_norm", "img_per_s", "time"}  # the other keys of a training record

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.cli_training import display_names
-from pipeline.plots import seed_band
+from stages.plots import seed_band
 from stages.report import (COLUMNS, cell, curve_series, load_rows, loss_curves, mean_sd, pseudo_mask_table,
                            write_table)
 

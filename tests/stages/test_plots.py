@@ -1,4 +1,4 @@
-"""pipeline.plots: the mean ± sd band over seeds, and charts that are written and show something."""
+"""stages.plots: the mean ± sd band over seeds, and charts that are written and show something."""
 import math
 
 import matplotlib
@@ -7,7 +7,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline.plots import draw_series, heatmap_grid, image_grid, line_chart, panel_chart, seed_band
+from stages.plots import draw_series, heatmap_grid, image_grid, line_chart, panel_chart, seed_band
 
 
 def assert_drawn(png, size=None):

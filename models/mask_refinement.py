@@ -18,8 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.backbone import unnormalise
-
 REFINE_METHODS = ("none", "superpixel", "guided")
 # The settings that change each method's masks: only these are recorded, so an unused one cannot make two
 # stores differ.
@@ -55,12 +53,6 @@ class RefineConfig:
         return tuple(resized_hw)
 
 
-def guide_image(images: torch.Tensor, index: int, resized_hw: tuple[int, int]) -> torch.Tensor:
-    """The colours the backbone saw for image `index` of a batch: its own (unpadded) region of the
-    ImageNet-normalised input, un-normalised. images: (B, 3, Hp, Wp) → (3, Hr, Wr) in [0, 1]."""
-    return unnormalise(images[index], *resized_hw)
-
-
 def superpixel_means(maps: torch.Tensor, guide: torch.Tensor, cfg: RefineConfig) -> torch.Tensor:
     """Each Felzenszwalb segment of the guide gets the mean of each map inside it.
 
@@ -92,7 +84,8 @@ def refine_maps(maps: torch.Tensor, guide: torch.Tensor, image_hw: tuple[int, in
     """Refined soft maps at the original image size, ready for the mask threshold.
 
     maps: (K, h, w) soft maps on `cfg.work_size` of the resized image; guide: (3, Hr, Wr) the resized image
-    in [0, 1] (`guide_image`). Returns (K, H, W), bilinearly resampled from the working grid."""
+    in [0, 1] (`models.backbone.unnormalise` of its batch entry). Returns (K, H, W), bilinearly resampled from
+    the working grid."""
     if maps.shape[0] == 0:  # nothing kept: skip the segmentation
         return maps.new_zeros(0, *image_hw)
     if guide.shape[-2:] != maps.shape[-2:]:

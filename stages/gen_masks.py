@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.backbone import build_backbone
+from models.backbone import build_backbone, unnormalise
 from models.backbone_weights import file_sha256
-from models.mask_refinement import RefineConfig, guide_image
+from models.mask_refinement import RefineConfig
 from models.saliency import SaliencyConfig, image_masks, mask_boxes, select_candidates
 from stages.image_data import Batch, ImageFolder, batch_loader, list_images
 from store import rle
@@ -109,7 +109,7 @@ def saliency_proposals(c5: torch.Tensor, batch: Batch, settings: GenerationSetti
     out = []
     refine = settings.refine
     for b in range(len(batch.index)):
-        guide = None if refine.method == "none" else guide_image(batch.images, b, batch.resized_hw[b]).to(c5.device)
+        guide = None if refine.method == "none" else unnormalise(batch.images[b], *batch.resized_hw[b]).to(c5.device)
         keep, masks, boxes = image_masks(cand, b, batch.grid_hw[b], batch.resized_hw[b], batch.image_hw[b],
                                          settings.saliency, settings.mask_threshold, refine=refine, guide=guide)
         out.append((masks, boxes, cand.score[b, keep], cand.seed[b, keep], cand.seed_feature[b, keep]))

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.mask_refinement import RefineConfig, guide_image
+from models.backbone import unnormalise
+from models.mask_refinement import RefineConfig
 from models.saliency import (SaliencyConfig, greedy_nms, image_masks, mask_boxes, mask_iou, matrix_nms,
                              saliency_maps, select_candidates, upsample_to_image)
 from stages.image_data import MEAN, STD
@@ -69,9 +70,9 @@ def test_batched_equals_per_image(nms, refine):
         image_hw = (h * 32 - 5, w * 32 - 9)
         own = images[i:i + 1, :, :image_hw[0], :image_hw[1]].clone()  # the image alone, unpadded
         kb, mb, bb = image_masks(batched, i, (h, w), image_hw, image_hw, cfg, refine=refine_cfg,
-                                 guide=guide_image(images, i, image_hw))
+                                 guide=unnormalise(images[i], *image_hw))
         ka, ma, ba = image_masks(alone, 0, (h, w), image_hw, image_hw, cfg, refine=refine_cfg,
-                                 guide=guide_image(own, 0, image_hw))
+                                 guide=unnormalise(own[0], *image_hw))
         assert torch.equal(kb, ka) and torch.equal(mb, ma) and torch.equal(bb, ba)
         assert mb.any((1, 2)).sum() >= 2
 

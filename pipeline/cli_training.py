@@ -271,7 +271,8 @@ def table_cmd(
     out: Annotated[Path, typer.Option(help="Output prefix: writes OUT.md, OUT.json (and OUT_curves.png).")],
     metrics: Annotated[Optional[list[Path]], typer.Option(exists=True, dir_okay=False, help="The runs' "
                                                           "metrics.jsonl, one per file in the same order (repeat "
-                                                          "the option): learning curves and early-epoch AP.")] = None,
+                                                          "the option): learning curves, early-epoch AP and each "
+                                                          "run's wall minutes.")] = None,
     early_epochs: Annotated[Optional[list[int]], typer.Option(help="Add a column of mask AP after this fine-tuning "
                                                               "epoch (repeat the option; needs --metrics).")] = None,
     pseudo_masks: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE of `sp eval-masks --out`: adds the "

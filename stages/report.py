@@ -3,8 +3,8 @@ the training-loss curves of runs side by side.
 
 A row is a setting; several files under one name are its seeds, shown as mean ± sample standard deviation.
 With the runs' metrics.jsonl the table adds the mask AP after the first fine-tuning epochs (the convergence
-claim of the paper's Figure 3) and a plot of every row's mean learning curve with a ±1 sd band; with
-`sp eval-masks` files it adds the class-agnostic quality of the pseudo masks (Table 6).
+claim of the paper's Figure 3) and each run's wall minutes, and a plot of every row's mean learning curve with
+a ±1 sd band; with `sp eval-masks` files it adds the class-agnostic quality of the pseudo masks (Table 6).
 """
 from __future__ import annotations
 
@@ -44,6 +44,14 @@ def epoch_ap(metrics_file: Path) -> dict[int, float]:
     return {int(r["epoch"]): float(r["segm_AP"]) for r in read_metrics(metrics_file) if "segm_AP" in r}
 
 
+def run_minutes(metrics_file: Path) -> float:
+    """Wall minutes from the first to the last record of a metrics.jsonl (each carries its 'time'): the run's
+    training and evaluations, without the model's set-up before the first logged step; a resumed run counts
+    its pause. NaN without times."""
+    times = [r["time"] for r in read_metrics(metrics_file) if "time" in r]
+    return (max(times) - min(times)) / 60 if len(times) > 1 else math.nan
+
+
 def loss_curves(metrics_file: Path) -> dict[str, Points]:
     """{loss term: [(step, value), ...]} from the training records (those with a 'loss') of a `sp pretrain` or
     `sp finetune` metrics.jsonl, terms in the order logged: the total 'loss', then s0_dice, s0_mask, ..., kernel."""
@@ -72,7 +80,7 @@ def plot_losses(metrics_files: list[Path], names: list[str], out_png: Path) -> P
 
 def load_rows(eval_files: list[Path], names: list[str], metrics_files: list[Path] = ()) -> dict[str, list[dict]]:
     """{row name: one record per seed}, rows in first-seen order; a record is the `sp evaluate` metrics,
-    plus 'curve' ({epoch: mask AP}) where metrics files are given (one per eval file, in the same order)."""
+    plus 'curve' ({epoch: mask AP}) and 'minutes' (`run_minutes`) where metrics files are given (one per eval file, in the same order)."""
     if len(names) != len(eval_files):
         raise ValueError(f"{len(names)} names for {len(eval_files)} files")
     if metrics_files and len(metrics_files) != len(eval_files):
@@ -82,6 +90,7 @@ def load_rows(eval_files: list[Path], names: list[str], metrics_files: list[Path
         record = json.loads(Path(path).read_text())
         if metrics_files:
             record["curve"] = epoch_ap(metrics_files[i])
+            record["minutes"] = run_minutes(metrics_files[i])
         rows.setdefault(name, []).append(record)
     return rows
 
@@ -89,12 +98,15 @@ def load_rows(eval_files: list[Path], names: list[str], metrics_files: list[Path
 def results_table(rows: dict[str, list[dict]], iou_type: str = "segm", early_epochs: tuple[int, ...] = (),
                   decimals: int = 1) -> str:
     """Markdown table, one row per setting, AP columns in percent (mean ± sd over seeds), then 'AP@eK': the
-    mask AP after fine-tuning epoch K ('-' where a run has no evaluation at that epoch)."""
-    header = [*COLUMNS, *(f"AP@e{e}" for e in early_epochs)]
+    mask AP after fine-tuning epoch K ('-' where a run has no evaluation at that epoch), and 'min', the runs'
+    wall minutes, where the records have them (the mask table of runs with metrics files)."""
+    minutes = iou_type == "segm" and any("minutes" in r for records in rows.values() for r in records)
+    header = [*COLUMNS, *(f"AP@e{e}" for e in early_epochs), *(["min"] if minutes else [])]
     lines = ["| run | seeds | " + " | ".join(header) + " |", "|---|---:|" + "---:|" * len(header)]
     for name, records in rows.items():
         cells = [cell([r[iou_type][c] for r in records], decimals) for c in COLUMNS]
         cells += [cell([r.get("curve", {}).get(e, math.nan) for r in records], decimals) for e in early_epochs]
+        cells += [cell([r.get("minutes", math.nan) for r in records], 0)] if minutes else []
         lines.append(f"| {name} | {len(records)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -22,11 +22,13 @@ def metrics(ap: float, aps: float = 5.0) -> dict:
     return {"segm": values, "bbox": {**values, "AP": ap / 2}, "images": 4}
 
 
-def write_run(tmp_path, name: str, ap: float, curve: dict[int, float], aps: float = 5.0):
+def write_run(tmp_path, name: str, ap: float, curve: dict[int, float], aps: float = 5.0, epoch_s: float = 60.0):
+    """An `sp evaluate` file and a metrics.jsonl whose epochs each took `epoch_s` seconds."""
     eval_file, metrics_file = tmp_path / f"{name}.json", tmp_path / f"{name}.jsonl"
     eval_file.write_text(json.dumps(metrics(ap, aps)))
-    lines = [{"epoch": e, "step": 10 * e, "loss": 1.0} for e in curve]  # training records carry no AP
-    lines += [{"epoch": e, "segm_AP": v, "bbox_AP": v / 2} for e, v in curve.items()]
+    # training records carry no AP; the evaluation of epoch e is logged 5 s after its last step
+    lines = [{"epoch": e, "step": 10 * e, "loss": 1.0, "time": 1e9 + epoch_s * e} for e in curve]
+    lines += [{"epoch": e, "segm_AP": v, "bbox_AP": v / 2, "time": 1e9 + epoch_s * e + 5} for e, v in curve.items()]
     metrics_file.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     return eval_file, metrics_file
 
@@ -52,26 +54,30 @@ def test_table_decimals_reach_every_table(tmp_path):
     text = write_table([run[0]], ["sp"], tmp_path / "out", [run[1]], early_epochs=(1,), pseudo_masks={"s": quality},
                        decimals=2)
     mask_row, box_row = [line for line in text.splitlines() if line.startswith("| sp |")]
-    assert mask_row.startswith("| sp | 1 | 0.12 |") and mask_row.endswith("| 0.04 |")  # AP and AP@e1
+    assert mask_row.startswith("| sp | 1 | 0.12 |") and mask_row.endswith("| 0.04 | 0 |")  # AP, AP@e1, minutes
     assert box_row.startswith("| sp | 1 | 0.06 |")
     assert "| s | 5 | 2 | 0.08 |" in text
 
 
 def test_table_groups_seeds_under_one_name_and_reads_early_epochs(tmp_path):
     a0 = write_run(tmp_path, "a0", 10.0, {1: 1.0, 2: 4.0, 3: 8.0})
-    a1 = write_run(tmp_path, "a1", 20.0, {1: 3.0, 2: 6.0, 3: 9.0}, aps=NAN)
+    a1 = write_run(tmp_path, "a1", 20.0, {1: 3.0, 2: 6.0, 3: 9.0}, aps=NAN, epoch_s=120.0)
     b0 = write_run(tmp_path, "b0", 30.0, {2: 12.0, 4: 20.0})  # evaluated every other epoch
     files = [a0, a1, b0]
     text = write_table([f[0] for f in files], ["sp", "sp", "scratch"], tmp_path / "out" / "results",
                        [f[1] for f in files], early_epochs=(1, 2))
     header = row(text, "run")
-    assert header == ["run", "seeds", *COLUMNS, "AP@e1", "AP@e2"]
+    assert header == ["run", "seeds", *COLUMNS, "AP@e1", "AP@e2", "min"]
     sp = dict(zip(header, row(text, "sp")))
     assert sp["seeds"] == "2" and sp["AP"] == "15.0 ± 7.1" and sp["AP50"] == "25.0 ± 7.1"
     assert sp["APs"] == "5.0"  # one seed had no small objects: the other alone
     assert sp["APl"] == "-" and sp["AP@e1"] == "2.0 ± 1.4" and sp["AP@e2"] == "5.0 ± 1.4"
     scratch = dict(zip(header, row(text, "scratch")))
     assert scratch["AP"] == "30.0" and scratch["AP@e1"] == "-" and scratch["AP@e2"] == "12.0"
+    # wall minutes from the first to the last record: epochs 1-3 of 60 s and 120 s (+ 5 s), epochs 2-4 of 60 s
+    assert sp["min"] == f"{(125 + 245) / 120:.0f} ± {statistics.stdev([125 / 60, 245 / 60]):.0f}"
+    assert scratch["min"] == "2"
+    assert "min" not in row(text.split("box AP")[1], "run")  # the box table has no time column
     assert text.index("| sp |") < text.index("| scratch |")  # first-seen order
     box = text.split("box AP")[1]
     assert row(box, "sp")[2] == "7.5 ± 3.5"  # the box table reads the bbox metrics

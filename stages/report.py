@@ -39,16 +39,16 @@ def read_metrics(metrics_file: Path) -> list[dict]:
     return [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
 
 
-def epoch_ap(metrics_file: Path) -> dict[int, float]:
-    """{epoch: mask AP on the validation set} from a `sp finetune` metrics.jsonl."""
-    return {int(r["epoch"]): float(r["segm_AP"]) for r in read_metrics(metrics_file) if "segm_AP" in r}
+def epoch_ap(records: list[dict]) -> dict[int, float]:
+    """{epoch: mask AP on the validation set} from the records of a `sp finetune` metrics.jsonl."""
+    return {int(r["epoch"]): float(r["segm_AP"]) for r in records if "segm_AP" in r}
 
 
-def run_minutes(metrics_file: Path) -> float:
-    """Wall minutes from the first to the last record of a metrics.jsonl (each carries its 'time'): the run's
+def run_minutes(records: list[dict]) -> float:
+    """Wall minutes from the first to the last of a metrics.jsonl's records (each carries its 'time'): the run's
     training and evaluations, without the model's set-up before the first logged step; a resumed run counts
     its pause. NaN without times."""
-    times = [r["time"] for r in read_metrics(metrics_file) if "time" in r]
+    times = [r["time"] for r in records if "time" in r]
     return (max(times) - min(times)) / 60 if len(times) > 1 else math.nan
 
 
@@ -80,7 +80,8 @@ def plot_losses(metrics_files: list[Path], names: list[str], out_png: Path) -> P
 
 def load_rows(eval_files: list[Path], names: list[str], metrics_files: list[Path] = ()) -> dict[str, list[dict]]:
     """{row name: one record per seed}, rows in first-seen order; a record is the `sp evaluate` metrics,
-    plus 'curve' ({epoch: mask AP}) and 'minutes' (`run_minutes`) where metrics files are given (one per eval file, in the same order)."""
+    plus 'curve' ({epoch: mask AP}) and 'minutes' (`run_minutes`) where metrics files are given (one per eval
+    file, in the same order)."""
     if len(names) != len(eval_files):
         raise ValueError(f"{len(names)} names for {len(eval_files)} files")
     if metrics_files and len(metrics_files) != len(eval_files):
@@ -89,8 +90,8 @@ def load_rows(eval_files: list[Path], names: list[str], metrics_files: list[Path
     for i, (name, path) in enumerate(zip(names, eval_files)):
         record = json.loads(Path(path).read_text())
         if metrics_files:
-            record["curve"] = epoch_ap(metrics_files[i])
-            record["minutes"] = run_minutes(metrics_files[i])
+            logged = read_metrics(metrics_files[i])
+            record["curve"], record["minutes"] = epoch_ap(logged), run_minutes(logged)
         rows.setdefault(name, []).append(record)
     return rows
 

@@ -265,10 +265,11 @@ def predict_cmd(
 
 @app.command("table")
 def table_cmd(
-    eval_files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="`sp evaluate --out` JSON files.")],
+    eval_files: Annotated[Optional[list[Path]], typer.Argument(exists=True, dir_okay=False,
+                                                               help="`sp evaluate --out` JSON files.")] = None,
     names: Annotated[str, typer.Option(help="Comma-separated row names, one per file; files under one name are "
-                                       "seeds of one setting (mean ± sd).")],
-    out: Annotated[Path, typer.Option(help="Output prefix: writes OUT.md, OUT.json (and OUT_curves.png).")],
+                                       "seeds of one setting (mean ± sd).")] = "",
+    out: Annotated[Path, typer.Option(help="Output prefix: writes OUT.md, OUT.json (and OUT_curves.png).")] = ...,
     metrics: Annotated[Optional[list[Path]], typer.Option(exists=True, dir_okay=False, help="The runs' "
                                                           "metrics.jsonl, one per file in the same order (repeat "
                                                           "the option): learning curves, early-epoch AP and each "
@@ -279,6 +280,12 @@ def table_cmd(
                                                               "pseudo-mask quality of that store (repeat).")] = None,
     decimals: Annotated[int, typer.Option(min=0, max=4, help="Digits after the point of every number (AP in "
                                           "percent); 2 where AP is below 1 %, as with a few hundred labels on CPU.")] = 1,
+    include: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="OUT.json of an earlier `sp "
+                                                    "table` (e.g. a committed results file): its rows are kept where "
+                                                    "this call has no evaluation files of the same name, so runs no "
+                                                    "longer on disk stay in the table.")] = None,
+    rows: Annotated[str, typer.Option(help="Comma-separated rows of the table, in order (default: the --names, "
+                                      "then the rows of --include).")] = "",
 ):
     """Mask and box AP tables of several evaluated runs, printed and written as markdown and JSON."""
     from stages.report import write_table
@@ -290,8 +297,8 @@ def table_cmd(
             fail(f"--pseudo-masks {entry!r}: expected NAME=FILE with an existing file")
         quality[name] = Path(path)
     try:
-        typer.echo(write_table(eval_files, names.split(","), out, metrics or [], tuple(early_epochs or ()), quality,
-                                decimals))
+        typer.echo(write_table(eval_files or [], [n for n in names.split(",") if n], out, metrics or [],
+                               tuple(early_epochs or ()), quality, decimals, include, [r for r in rows.split(",") if r]))
     except (ValueError, OSError, KeyError) as e:
         fail(str(e))
 

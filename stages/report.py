@@ -81,19 +81,44 @@ def plot_losses(metrics_files: list[Path], names: list[str], out_png: Path) -> P
 def load_rows(eval_files: list[Path], names: list[str], metrics_files: list[Path] = ()) -> dict[str, list[dict]]:
     """{row name: one record per seed}, rows in first-seen order; a record is the `sp evaluate` metrics,
     plus 'curve' ({epoch: mask AP}) and 'minutes' (`run_minutes`) where metrics files are given (one per eval
-    file, in the same order)."""
+    file, in the same order), and 'file', the evaluation file it came from."""
     if len(names) != len(eval_files):
         raise ValueError(f"{len(names)} names for {len(eval_files)} files")
     if metrics_files and len(metrics_files) != len(eval_files):
         raise ValueError(f"{len(metrics_files)} metrics files for {len(eval_files)} evaluation files")
     rows: dict[str, list[dict]] = {}
     for i, (name, path) in enumerate(zip(names, eval_files)):
-        record = json.loads(Path(path).read_text())
+        record = {**json.loads(Path(path).read_text()), "file": str(path)}
         if metrics_files:
             logged = read_metrics(metrics_files[i])
             record["curve"], record["minutes"] = epoch_ap(logged), run_minutes(logged)
         rows.setdefault(name, []).append(record)
     return rows
+
+
+def select_rows(rows: dict[str, list[dict]], earlier: Path | None = None, order: list[str] = ()) -> dict[str, list[dict]]:
+    """The table's rows in `order` (default: `rows`' own, then the earlier file's others). `earlier` is the
+    OUT.json of an earlier `write_table` (a committed results file whose runs are no longer on disk): a row has
+    the records it recorded, but for the evaluation files this call reads again (those replace them), then this
+    call's other records (seeds run since)."""
+    recorded = {}
+    if earlier is not None:
+        recorded = json.loads(Path(earlier).read_text())["runs"]
+        for records in recorded.values():  # JSON turned the curves' epochs into strings
+            for r in records:
+                r["curve"] = {int(e): ap for e, ap in r.get("curve", {}).items()}
+    order = list(order) or [*rows, *(name for name in recorded if name not in rows)]
+    if unlisted := [name for name in rows if name not in order]:
+        raise ValueError(f"evaluated rows not in the table's rows: {', '.join(unlisted)}")
+    if missing := [name for name in order if name not in rows and name not in recorded]:
+        raise ValueError(f"no evaluation files and no record in {earlier or '(no earlier table given)'} for: "
+                         f"{', '.join(missing)}")
+    table = {}
+    for name in order:
+        given = {r["file"] for r in rows.get(name, [])}
+        kept = [r for r in recorded.get(name, []) if r.get("file") not in given]
+        table[name] = kept + rows.get(name, [])
+    return table
 
 
 def results_table(rows: dict[str, list[dict]], iou_type: str = "segm", early_epochs: tuple[int, ...] = (),
@@ -136,12 +161,13 @@ def plot_curves(rows: dict[str, list[dict]], out_png: Path) -> Path:
 
 def write_table(eval_files: list[Path], names: list[str], out_prefix: Path, metrics_files: list[Path] = (),
                 early_epochs: tuple[int, ...] = (), pseudo_masks: dict[str, Path] | None = None,
-                decimals: int = 1) -> str:
+                decimals: int = 1, earlier: Path | None = None, order: list[str] = ()) -> str:
     """Writes OUT.md (mask table, box table, pseudo-mask quality; numbers in percent with `decimals` digits),
-    OUT.json (every number) and, with metrics files, OUT_curves.png; returns the markdown."""
-    if early_epochs and not metrics_files:
+    OUT.json (every number) and, where the rows have learning curves, OUT_curves.png; returns the markdown.
+    `earlier` and `order`: rows kept from an earlier OUT.json, and the rows' order (`select_rows`)."""
+    if early_epochs and not metrics_files and earlier is None:
         raise ValueError("early-epoch columns need the runs' metrics.jsonl files")
-    rows = load_rows(eval_files, names, metrics_files)
+    rows = select_rows(load_rows(eval_files, names, metrics_files), earlier, order)
     quality = {name: json.loads(Path(p).read_text()) for name, p in (pseudo_masks or {}).items()}
     text = (f"mask AP\n\n{results_table(rows, 'segm', tuple(early_epochs), decimals)}\n\n"
             f"box AP\n\n{results_table(rows, 'bbox', decimals=decimals)}\n")
@@ -151,6 +177,6 @@ def write_table(eval_files: list[Path], names: list[str], out_prefix: Path, metr
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     out_prefix.with_suffix(".md").write_text(text)
     out_prefix.with_suffix(".json").write_text(json.dumps({"runs": rows, "pseudo_masks": quality}, indent=2))
-    if metrics_files:
+    if rows and all(r.get("curve") for records in rows.values() for r in records):
         plot_curves(rows, out_prefix.with_name(out_prefix.name + "_curves.png"))
     return text

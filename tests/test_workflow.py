@@ -119,6 +119,21 @@ def test_a_shared_cache_per_store_images_repeat_and_a_split_per_seed(tmp_path):
     assert "results/stores" not in out and "results/pretrain" not in out
 
 
+def test_a_run_may_have_its_own_schedule(tmp_path):
+    """epochs / lr_steps of a fine-tuning run override finetune_epochs / finetune_lr_steps for that run only."""
+    config = {"finetune_runs": [{"name": "short", "model": "knet"},
+                                {"name": "long", "model": "knet", "epochs": 16, "lr_steps": [12, 15]}],
+              "finetune_epochs": 8, "finetune_lr_steps": [6, 7]}
+    commands = [line for line in snakemake(tmp_path, "finetune", "-p", config=config).splitlines()
+                if "sp finetune" in line]
+    schedule = {}  # run name -> its "--epochs ... --lr-steps ..." flags
+    for command in commands:
+        run = re.search(r"finetune/(\w+)/seed", command).group(1)
+        schedule[run] = re.search(r"--epochs \d+ .*--lr-steps \d+ --lr-steps \d+", command).group(0)
+    assert schedule["short"].startswith("--epochs 8 ") and schedule["short"].endswith("--lr-steps 6 --lr-steps 7")
+    assert schedule["long"].startswith("--epochs 16 ") and schedule["long"].endswith("--lr-steps 12 --lr-steps 15")
+
+
 @pytest.mark.parametrize("section, entry, message", [
     ("pretrain_runs", {"name": "p", "promt": "cosine"}, "only the keys"),
     ("finetune_runs", {"name": "r", "model": "knet", "init": "nowhere"}, "unknown pre-training run nowhere"),

@@ -42,8 +42,9 @@ def test_batched_forward_equals_per_image_forward(model):
             single, _ = model(images[b:b + 1])
             for s_b, s_1 in zip(batched, single):
                 for key, value in s_1.items():  # masks, logits, queries and the model's own (QueryInst: boxes)
-                    if value is not None:
-                        torch.testing.assert_close(s_b[key][b:b + 1], value, rtol=1e-4, atol=1e-4, msg=key)
+                    if value is not None:  # atol: QueryInst's boxes are in pixels (float32 noise ~1e-3 on some
+                        # CPUs), and its masks are sampled inside them; leaking across images errs by far more
+                        torch.testing.assert_close(s_b[key][b:b + 1], value, rtol=1e-4, atol=2e-3, msg=key)
 
 
 def test_prompt_fn_is_called_once_on_the_initial_queries_with_p5(model):

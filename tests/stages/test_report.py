@@ -88,6 +88,40 @@ def test_table_groups_seeds_under_one_name_and_reads_early_epochs(tmp_path):
         assert im.size == (800, 480)
 
 
+def test_rows_of_an_earlier_table_are_kept_where_their_runs_are_gone(tmp_path):
+    """A committed results file, then on a fresh machine one seed rerun and one added: every row is in the
+    table, in the asked order; the rerun replaces its record, the new seed joins the recorded one, and a row
+    with no files left is as recorded (early epochs and minutes too)."""
+    a, b = write_run(tmp_path, "a", 10.0, {1: 1.0, 2: 4.0}), write_run(tmp_path, "b", 30.0, {1: 2.0, 2: 8.0})
+    c = write_run(tmp_path, "c", 50.0, {1: 5.0, 2: 9.0})
+    first = write_table([a[0], b[0], c[0]], ["sp", "scratch", "scratch"], tmp_path / "first", [a[1], b[1], c[1]],
+                        early_epochs=(1, 2))
+    earlier = tmp_path / "first.json"
+    rerun_c = write_run(tmp_path, "c", 70.0, {1: 6.0, 2: 10.0})  # the same file, evaluated again
+    new_seed = write_run(tmp_path, "d", 20.0, {1: 1.0, 2: 3.0})
+    runner = CliRunner()
+    ok = runner.invoke(app, ["table", str(rerun_c[0]), str(new_seed[0]), "--names", "scratch,scratch",
+                             "--metrics", str(rerun_c[1]), "--metrics", str(new_seed[1]), "--early-epochs", "1",
+                             "--early-epochs", "2", "--include", str(earlier), "--rows", "sp,scratch", "--out",
+                             str(tmp_path / "second")])
+    assert ok.exit_code == 0, ok.output
+    second = (tmp_path / "second.md").read_text()
+    assert row(second, "sp") == row(first, "sp")  # AP, early epochs and minutes as recorded
+    scratch = row(second, "scratch")
+    assert scratch[1] == "3" and scratch[2] == cell([30.0, 70.0, 20.0]) and second.index("| sp |") < second.index("| scratch |")
+    saved = json.loads((tmp_path / "second.json").read_text())["runs"]["scratch"]
+    assert [r["file"] for r in saved] == [str(b[0]), str(c[0]), str(new_seed[0])]
+    assert (tmp_path / "second_curves.png").is_file()
+    only_earlier = write_table([], [], tmp_path / "third", early_epochs=(1, 2), earlier=earlier, order=["scratch"])
+    assert row(only_earlier, "scratch") == row(first, "scratch") and "| sp |" not in only_earlier
+    unknown = runner.invoke(app, ["table", "--include", str(earlier), "--rows", "sp,maskrcnn", "--out",
+                                  str(tmp_path / "u")])
+    assert unknown.exit_code != 0 and "maskrcnn" in unknown.output and "first.json" in unknown.output
+    unlisted = runner.invoke(app, ["table", str(a[0]), "--names", "sp", "--include", str(earlier),
+                                   "--rows", "scratch", "--out", str(tmp_path / "u")])
+    assert unlisted.exit_code != 0 and "not in the table's rows: sp" in unlisted.output
+
+
 def test_pseudo_mask_table_with_missing_size_ranges():
     stats = {"AP": 25.0, "AP50": 50.0, "AP75": 12.5, "APs": NAN, "APm": 20.0, "APl": 30.0, "AR100": 40.0}
     text = pseudo_mask_table({"saliency": {"segm": stats, "bbox": {**stats, "AP": 10.0}, "images": 8, "masks": 40}})

@@ -46,10 +46,17 @@ def epoch_ap(records: list[dict]) -> dict[int, float]:
 
 def run_minutes(records: list[dict]) -> float:
     """Wall minutes from the first to the last of a metrics.jsonl's records (each carries its 'time'): the run's
-    training and evaluations, without the model's set-up before the first logged step; a resumed run counts
-    its pause. NaN without times."""
-    times = [r["time"] for r in records if "time" in r]
-    return (max(times) - min(times)) / 60 if len(times) > 1 else math.nan
+    training and evaluations, without the model's set-up before the first logged step. A resumed run sums its
+    parts, each from its "resume" record (written by the training loop) to its last record, so the pause and
+    the set-up after it are left out. NaN without times."""
+    parts = [[]]
+    for record in records:
+        if record.get("event") == "resume":
+            parts.append([])
+        if "time" in record:
+            parts[-1].append(record["time"])
+    spans = [max(times) - min(times) for times in parts if len(times) > 1]
+    return sum(spans) / 60 if spans else math.nan
 
 
 def loss_curves(metrics_file: Path) -> dict[str, Points]:

@@ -322,6 +322,8 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
         log.warning("--resume: no %s yet, starting from scratch", last)
     metrics = MetricsLog(loop.out, enabled=dist.main)
     metrics.truncate_after(step)
+    if step:  # marks where the run continued, so its wall time can leave out the pause (stages/report.run_minutes)
+        metrics.write({"step": step, "epoch": epoch, "event": "resume"})
 
     def checkpoint(epoch_: int, batch_in_epoch: int):
         if not dist.main:

@@ -75,8 +75,9 @@ def test_interrupted_run_resumed_equals_uninterrupted(gt_store, demo, tmp_path, 
                                       model=model)))
     assert resumed["step"] == full["step"] == 4
     assert_same_weights(resumed, full)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]  # the log reads as one run
+    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # the log reads as one run
+    assert [r["step"] for r in records if r.get("event") == "resume"] == [2]  # where it continued, for run_minutes
 
 
 def test_checkpoint_holds_what_finetuning_and_resume_need(gt_store, demo, tmp_path):

@@ -12,7 +12,7 @@ from pipeline.cli import app
 from pipeline.cli_training import display_names
 from stages.plots import seed_band
 from stages.report import (COLUMNS, cell, curve_series, load_rows, loss_curves, mean_sd, pseudo_mask_table,
-                           write_table)
+                           run_minutes, write_table)
 
 NAN = float("nan")
 
@@ -58,6 +58,16 @@ def test_table_decimals_reach_every_table(tmp_path):
     assert box_row.startswith("| sp | 1 | 0.06 |")
     assert "| s | 5 | 2 | 0.08 |" in text
 
+
+def test_run_minutes_leave_out_the_pause_of_a_resumed_run():
+    """A run trained 2 minutes, was killed, and went on 48 minutes later for 3 more (its "resume" record written
+    as it started again): 5 minutes; the same log without that record counts the pause."""
+    first = [{"step": s, "loss": 1.0, "time": 60.0 * s} for s in (0, 1, 2)]
+    later = [{"step": s, "loss": 1.0, "time": 3000.0 + 60.0 * (s - 2)} for s in (3, 4, 5)]
+    resume = {"step": 2, "event": "resume", "time": 3000.0}
+    assert run_minutes(first + [resume] + later) == 5.0
+    assert run_minutes(first + later) == 53.0
+    assert math.isnan(run_minutes([{"step": 1, "loss": 1.0, "time": 5.0}]))
 
 def test_table_groups_seeds_under_one_name_and_reads_early_epochs(tmp_path):
     a0 = write_run(tmp_path, "a0", 10.0, {1: 1.0, 2: 4.0, 3: 8.0})

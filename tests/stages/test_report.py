@@ -69,6 +69,7 @@ def test_run_minutes_leave_out_the_pause_of_a_resumed_run():
     assert run_minutes(first + later) == 53.0
     assert math.isnan(run_minutes([{"step": 1, "loss": 1.0, "time": 5.0}]))
 
+
 def test_table_groups_seeds_under_one_name_and_reads_early_epochs(tmp_path):
     a0 = write_run(tmp_path, "a0", 10.0, {1: 1.0, 2: 4.0, 3: 8.0})
     a1 = write_run(tmp_path, "a1", 20.0, {1: 3.0, 2: 6.0, 3: 9.0}, aps=NAN, epoch_s=120.0)

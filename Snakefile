@@ -10,6 +10,32 @@ import os
 
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")  # also with --directory elsewhere
 
+
+def config_bases(files, chain=()):
+    """The config files that `files` extend (a config's `extends`: a path or a list of paths, relative to the
+    working directory or else to this repository), each after the files it extends itself, so that every file
+    overrides its bases."""
+    import yaml
+
+    out = []
+    for name in [files] if isinstance(files, str) else files or []:
+        path = name if os.path.exists(name) else os.path.join(workflow.basedir, name)
+        if path in chain:
+            raise ValueError(f"config extends: {' -> '.join([*chain, path])} is a cycle")
+        if not os.path.exists(path):
+            raise ValueError(f"config extends {name}, which is neither in {os.getcwd()} nor in {workflow.basedir}")
+        with open(path) as f:
+            own = yaml.safe_load(f) or {}
+        out += [p for p in config_bases(own.get("extends"), (*chain, path)) if p not in out] + [path]
+    return out
+
+
+# A config file may build on others (`extends`): config.yaml, then its bases in order, then the file itself and
+# --config on top (Snakemake lays the command line over each file it reads), so several experiments share one
+# definition of their stores and pre-training runs instead of copies that drift apart.
+for base in config_bases(config.get("extends")):
+    workflow.configfile(base)
+
 RES = config["results"]
 # stores and pre-trainings are named by their settings: under a `cache` folder shared by several experiments'
 # configs, an experiment reuses those another one already made (default: inside its own results folder)
@@ -46,17 +72,23 @@ def named(section, allowed):
 # A store is named by its generation settings (and input folder), a pre-training run by its store and its
 # settings: experiments that differ only in later settings share them, and any change makes a new one.
 # A store may read other images than the config's unlabeled_images / unlabeled_list (with their own ground
-# truth, unlabeled_gt, or none: "").
+# truth, unlabeled_gt, or none: ""). `method: import` with `import_ann: FILE` makes a store of the masks of a COCO
+# JSON of those images (`sp store import-coco`: another tool's pseudo labels, or ground truth as an upper bound).
 STORE_DATA_KEYS = ["unlabeled_images", "unlabeled_list", "unlabeled_gt"]
 STORE_OF = {}  # store name -> hash
 STORE_SETTINGS = {}  # hash -> generation settings
 STORE_DATA = {}  # hash -> {unlabeled_images, unlabeled_list, unlabeled_gt}
-for name, over in named("stores", [*config["gen_masks"], *STORE_DATA_KEYS]).items():
+for name, over in named("stores", [*config["gen_masks"], *STORE_DATA_KEYS, "import_ann"]).items():
     data = {k: over.pop(k, config[k]) for k in STORE_DATA_KEYS}
+    data["import_ann"] = over.pop("import_ann", "")
     settings = dict(config["gen_masks"], **over)
+    if (settings["method"] == "import") != bool(data["import_ann"]):
+        raise ValueError(f"config stores: {name}: `method: import` and `import_ann: FILE` go together")
     images = {"images": data["unlabeled_images"]}
     if data["unlabeled_list"]:  # which images of the folder, by content
         images["image_list"] = hashlib.sha256(open(data["unlabeled_list"], "rb").read()).hexdigest()
+    if data["import_ann"]:  # which masks, by content
+        images["import_ann"] = hashlib.sha256(open(data["import_ann"], "rb").read()).hexdigest()
     # refine "none" (the paper's generator) stays out of the hash: such stores keep the names they had before
     # refinement existed
     named_by = {k: v for k, v in settings.items() if not (k == "refine" and v == "none")}
@@ -85,6 +117,14 @@ for name, run in RUNS.items():
     if run.get("init") and PRETRAIN_MODEL[run["init"]] != run.get("model"):
         raise ValueError(f"config finetune_runs: {name} fine-tunes {run.get('model')} from {run['init']}, "
                          f"a {PRETRAIN_MODEL[run['init']]} pre-training run")
+
+FIGURES = config["figures"]  # kernel_maps: [fine-tuning runs], kernel_maps_pretrain: [pre-training runs], compare: [...]
+# What the rows use: the pre-training runs they start from (and those drawn in figures) and those runs' stores. A
+# config may define more (a shared catalog of stores and runs, see `extends`): `all` makes only what its rows
+# use, the targets `gen_masks` and `pretrain` make everything defined.
+USED_PRETRAIN = [name for name in PRETRAIN_OF
+                 if name in {run.get("init") for run in RUNS.values()} | set(FIGURES.get("kernel_maps_pretrain", []))]
+USED_STORES = [h for h in STORE_DATA if h in {PRETRAIN_SETTINGS[PRETRAIN_OF[name]]["store"] for name in USED_PRETRAIN}]
 
 
 def truthy(value):  # `--config small_models=false` arrives as a string
@@ -125,6 +165,12 @@ LABELS_CHECKED = f"{RES}/labels.{settings_hash(LABEL_CHECKS)}.checked"  # one ma
 
 def gen_masks_cmd(w):
     g, data = STORE_SETTINGS[w.store], STORE_DATA[w.store]
+    if g["method"] == "import":
+        return (f"sp store import-coco {data['import_ann']} --images {data['unlabeled_images']} "
+                f"--store {CACHE}/stores/{w.store}.zarr --shard {w.i}/{NSHARDS} "
+                + flags(batch_size=config["gen_batch_size"], workers=THREADS, device=config["device"],
+                        backbone=g["backbone"], backbone_weights=g["backbone_weights"], image_size=g["image_size"],
+                        max_size=g["max_size"], skip_bad=SKIP_BAD))
     return (f"sp gen-masks {data['unlabeled_images']} --store {CACHE}/stores/{w.store}.zarr --shard {w.i}/{NSHARDS} "
             + flags(image_list=data["unlabeled_list"], batch_size=config["gen_batch_size"], workers=THREADS,
                     device=config["device"], method=g["method"],
@@ -174,7 +220,8 @@ def finetune_cmd(w, input):
 def table_cmd(w, input):
     names = ",".join(run for run in RUNS for _ in RUN_SEEDS[run])
     metrics = [f"{RES}/finetune/{run}/seed{seed}/metrics.jsonl" for run in RUNS for seed in RUN_SEEDS[run]]
-    quality = [f"{name}={CACHE}/stores/{h}.quality.json" for name, h in STORE_OF.items() if STORE_DATA[h]["unlabeled_gt"]]
+    quality = [f"{name}={CACHE}/stores/{h}.quality.json" for name, h in STORE_OF.items()
+               if h in USED_STORES and STORE_DATA[h]["unlabeled_gt"]]
     return (f"sp table {' '.join(input.evals)} --names {names} --out {RES}/results "
             + flags(metrics=metrics, early_epochs=config["early_epochs"], pseudo_masks=quality,
                     decimals=config["table_decimals"]))
@@ -192,12 +239,11 @@ def demo_input(path):
 
 # The pre-trained models themselves, class-agnostic on the evaluation set (the paper's Table 6), and figures:
 # kernel maps (Figure 6), side-by-side predictions and pre-training loss curves, of seed SEEDS[0].
-PRETRAIN_EVALS = ([f"{RES}/eval_pretrain/{name}/seed{PRETRAIN_SEEDS[0]}.json" for name in PRETRAIN_OF]
+PRETRAIN_EVALS = ([f"{RES}/eval_pretrain/{name}/seed{PRETRAIN_SEEDS[0]}.json" for name in USED_PRETRAIN]
                   if truthy(config["pretrain_evals"]) else [])
-FIGURES = config["figures"]  # kernel_maps: [fine-tuning runs], kernel_maps_pretrain: [pre-training runs], compare: [...]
 FIGURE_FILES = ([f"{RES}/figures/kernel_maps.png"] if FIGURES.get("kernel_maps") or FIGURES.get("kernel_maps_pretrain")
                 else []) + ([f"{RES}/figures/compare.png"] if FIGURES.get("compare") else []) + \
-               ([f"{RES}/figures/pretrain_losses.png"] if PRETRAIN_OF and FIGURES else [])
+               ([f"{RES}/figures/pretrain_losses.png"] if USED_PRETRAIN and FIGURES else [])
 
 
 def finetuned(run, seed=None):
@@ -211,7 +257,7 @@ def pretrained(name, seed=PRETRAIN_SEEDS[0]):
 
 
 STORES = [f"{CACHE}/stores/{h}.zarr.done" for h in STORE_SETTINGS]
-QUALITY = [f"{CACHE}/stores/{h}.quality.json" for h, data in STORE_DATA.items() if data["unlabeled_gt"]]
+QUALITY = [f"{CACHE}/stores/{h}.quality.json" for h in USED_STORES if STORE_DATA[h]["unlabeled_gt"]]
 PRETRAINS = [f"{CACHE}/pretrain/{key}/seed{seed}/final.pth" for key in PRETRAIN_SETTINGS for seed in PRETRAIN_SEEDS]
 FINETUNES = [f"{RES}/finetune/{run}/seed{seed}/final.pth" for run in RUNS for seed in RUN_SEEDS[run]]
 EVALS = [f"{RES}/finetune/{run}/seed{seed}/eval.json" for run in RUNS for seed in RUN_SEEDS[run]]
@@ -340,7 +386,7 @@ rule evaluate_pretrain:
 rule pretrained_table:
     input: PRETRAIN_EVALS
     output: f"{RES}/results_pretrained.md"
-    params: names=",".join(PRETRAIN_OF)
+    params: names=",".join(USED_PRETRAIN)
     shell: "sp table {input} --names {params.names} --out {RES}/results_pretrained --decimals {config[table_decimals]}"
 
 rule kernel_maps:
@@ -360,7 +406,7 @@ rule compare:
         "--names {params.names} {params.files} --out {output} --workers 0 --device {config[device]}"
 
 rule pretrain_losses:
-    input: [pretrained(p) for p in PRETRAIN_OF]
+    input: [pretrained(p) for p in USED_PRETRAIN]
     output: f"{RES}/figures/pretrain_losses.png"
-    params: dirs=lambda w, input: " ".join(os.path.dirname(f) for f in input), names=",".join(PRETRAIN_OF)
+    params: dirs=lambda w, input: " ".join(os.path.dirname(f) for f in input), names=",".join(USED_PRETRAIN)
     shell: "sp plot-losses {params.dirs} --names {params.names} --out {output}"

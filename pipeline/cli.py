@@ -172,13 +172,16 @@ def store_import_coco(
     batch_size: BatchSize = 8,
     workers: Workers = 2,
     device: Device = "auto",
+    shard: Annotated[Optional[str], typer.Option(help="I/N: import the I-th of N contiguous parts of the JSON's "
+                                                 "images into STORE_STEM.partI-of-N.zarr; join them with `sp store "
+                                                 "merge`.")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Leave out the images and annotations that the up-front check "
                                            "finds bad (listed in the store's attrs, input_skipped), instead of "
                                            "stopping.")] = False,
     decode_images: DecodeImages = False,
 ):
     """Turn external pseudo labels into a store; seed features are pooled from the backbone inside each mask."""
-    from stages.gen_masks import RunOptions
+    from stages.gen_masks import RunOptions, parse_shard
     from stages.import_coco import import_coco
     from store.export import format_summary, store_summary
 
@@ -186,8 +189,8 @@ def store_import_coco(
         result = import_coco(ann, images, store, backbone=backbone,
                              backbone_weights=backbone_weights_path(backbone, backbone_weights),
                              image_size=image_size, max_size=max_size,
-                             options=RunOptions(batch_size=batch_size, workers=workers,
-                                                device=resolve_device(device)), skip_bad=skip_bad,
+                             options=RunOptions(batch_size=batch_size, workers=workers, device=resolve_device(device),
+                                                shard=parse_shard(shard) if shard else None), skip_bad=skip_bad,
                              decode=decode_images)
     except (ValueError, OSError) as e:
         fail(str(e))

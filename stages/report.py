@@ -16,7 +16,7 @@ from pathlib import Path
 from stages.plots import Points, line_chart, panel_chart
 
 COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-NOT_LOSSES = {"step", "epoch", "lr", "grad_norm", "img_per_s", "time"}  # the other keys of a training record
+NOT_LOSSES = {"step", "epoch", "lr", "grad_norm", "img_per_s", "cpu_s", "time"}  # the other keys of a training record
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:

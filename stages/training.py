@@ -22,6 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from stages.code_version import code_version
+
 log = logging.getLogger(__name__)
 
 
@@ -322,14 +324,16 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
         log.warning("--resume: no %s yet, starting from scratch", last)
     metrics = MetricsLog(loop.out, enabled=dist.main)
     metrics.truncate_after(step)
-    if step:  # marks where the run continued, so its wall time can leave out the pause (stages/report.run_minutes)
-        metrics.write({"step": step, "epoch": epoch, "event": "resume"})
+    # marks where the run started or continued, with the code it runs: a resumed run's wall time leaves out the
+    # pause (stages/report.run_minutes) and a table does not average seeds of different code unawares
+    metrics.write({"step": step, "epoch": epoch, "event": "resume" if step else "start", "code_version": code_version()})
 
     def checkpoint(epoch_: int, batch_in_epoch: int):
         if not dist.main:
             return
         state = {**{n: m.state_dict() for n, m in modules.items()}, "optimizer": optimizer.state_dict(),
-                 "epoch": epoch_, "step": step, "batch_in_epoch": batch_in_epoch, **extra_state}
+                 "epoch": epoch_, "step": step, "batch_in_epoch": batch_in_epoch, "code_version": code_version(),
+                 **extra_state}
         save_checkpoint(last, state)
         if batch_in_epoch == 0 and loop.keep_every and epoch_ % loop.keep_every == 0:
             link_checkpoint(last, loop.out / f"epoch_{epoch_:03d}.pth")
@@ -366,7 +370,7 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
                 rate = loop.batch_size * dist.world_size * (batch_in_epoch + 1 - start_batch) / (time.perf_counter() - tick)
                 value = float(loss.detach())
                 metrics.write({"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": value,
-                               "grad_norm": float(grad_norm), "img_per_s": rate,
+                               "grad_norm": float(grad_norm), "img_per_s": rate, "cpu_s": time.process_time(),
                                **{k: float(v.detach()) for k, v in losses.items()}})
                 bar.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.2f}")
             if loop.checkpoint_every and step % loop.checkpoint_every == 0:

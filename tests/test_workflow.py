@@ -13,8 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or shutil.which("snakemake")
 
 
-def snakemake(workdir: Path, *args, config: dict | None = None, dry: bool = True):
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+def snakemake(workdir: Path, *args, config: dict | None = None, dry: bool = True, defaults: bool = True):
+    """Run the workflow in `workdir` with `config` laid over config/config.yaml (defaults=False: `config` alone
+    as the --configfile, so that the Snakefile itself lays it over config.yaml and the files it extends)."""
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text()) if defaults else {}
     cfg.update(config or {})
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--configfile",
@@ -23,6 +25,34 @@ def snakemake(workdir: Path, *args, config: dict | None = None, dry: bool = True
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
+
+
+PATH_KEYS = ("unlabeled_images", "unlabeled_list", "unlabeled_gt", "import_ann", "train_ann", "train_images", "val_ann",
+             "val_images")
+
+
+def merged(base: dict, over: dict) -> dict:
+    """Snakemake's layering of config files: dicts merge key by key, every other value is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def experiment(name: str) -> dict:
+    """experiments/NAME.yaml with the files it extends laid under it and its data paths made absolute, for a
+    workflow run in another folder."""
+    own = yaml.safe_load((REPO / "experiments" / f"{name}.yaml").read_text())
+    bases = own.pop("extends", [])
+    config = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        config = merged(config, experiment(Path(base).stem))
+    config = merged(config, own)
+
+    def absolute(entry: dict) -> dict:
+        return {k: str((REPO / v).resolve()) if k in PATH_KEYS and v else v for k, v in entry.items()}
+
+    return {**absolute(config), "stores": [absolute(store) for store in config.get("stores", [])]}
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -62,13 +92,63 @@ def test_the_low_data_experiment_has_every_row_and_seed(tmp_path):
 def test_the_real_data_experiment_has_every_table_and_figure(tmp_path, coco_subset):
     """experiments/coco_subset.yaml: 19 rows x 3 seeds from one pre-training per setting, Table 6 of every
     pre-trained K-Net, the 30 % split, and the figures."""
-    experiment = yaml.safe_load((REPO / "experiments" / "coco_subset.yaml").read_text())
-    for key in ("unlabeled_images", "unlabeled_gt", "train_ann", "train_images", "val_ann", "val_images", "unlabeled_list"):
-        experiment[key] = str((REPO / experiment[key]).resolve())  # the test runs in another folder
-    counts = job_counts(snakemake(tmp_path, "all", config=experiment))
+    counts = job_counts(snakemake(tmp_path, "all", config=experiment("coco_subset")))
     assert counts == {"check_labels": 1, "gen_masks_shard": 4, "merge_store": 2, "store_quality": 2, "pretrain_run": 9,
                       "split_labels": 1, "finetune_run": 57, "results_table": 1, "evaluate_pretrain": 9,
                       "pretrained_table": 1, "kernel_maps": 1, "compare": 1, "pretrain_losses": 1, "all": 1}
+
+
+@pytest.mark.parametrize("name, expected", [
+    # Table 2 on Penn-Fudan: 19 rows (5 or 3 seeds: 79 runs) from 7 of the shared catalog's pre-training runs
+    ("pennfudan", {"check_labels": 1, "gen_masks_shard": 8, "merge_store": 4, "store_quality": 3, "pretrain_run": 7,
+                   "split_labels": 10, "finetune_run": 79, "results_table": 1, "compare": 1, "pretrain_losses": 1,
+                   "all": 1}),
+    # the pre-training scale study: 11 rows x 3 seeds at 20 labels, 11 pre-training runs on 8 stores
+    ("pretrain_scale", {"check_labels": 1, "gen_masks_shard": 16, "merge_store": 8, "store_quality": 5,
+                        "pretrain_run": 11, "split_labels": 3, "finetune_run": 33, "results_table": 1,
+                        "pretrain_losses": 1, "all": 1}),
+])
+def test_experiments_share_one_catalog_and_make_only_what_their_rows_use(tmp_path, coco_subset, name, expected):
+    if not (coco_subset.parent / "pennfudan" / "val" / "annotations.json").is_file():
+        pytest.skip(f"no Penn-Fudan data at {coco_subset.parent / 'pennfudan'}")
+    assert job_counts(snakemake(tmp_path, "all", config=experiment(name))) == expected
+
+
+def test_a_config_extends_others_in_layers(tmp_path):
+    """config.yaml < the files a config extends (each over its own bases) < the config itself < --config."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"pretrain_epochs": 3, "finetune_epochs": 5,
+                                                        "finetune_lr_steps": [4]}))
+    (tmp_path / "middle.yaml").write_text(yaml.safe_dump({"extends": "base.yaml", "finetune_epochs": 6}))
+    config = {"extends": ["middle.yaml"], "finetune_lr_steps": [2]}
+    out = snakemake(tmp_path, "finetune", "-p", config=config, defaults=False)
+    assert "pretrain --store" in out and "--epochs 3 " in out.split("pretrain --store")[1]  # base over config.yaml
+    finetune = [line for line in out.splitlines() if "sp finetune" in line]
+    assert finetune and all("--epochs 6 " in line and "--lr-steps 2 " in line for line in finetune)
+    out = snakemake(tmp_path, "finetune", "-p", "--config", "finetune_epochs=7", config=config, defaults=False)
+    assert all("--epochs 7 " in line for line in out.splitlines() if "sp finetune" in line)  # the command line wins
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"extends": "middle.yaml"}))
+    with pytest.raises(AssertionError, match="is a cycle"):
+        snakemake(tmp_path, "finetune", config=config, defaults=False)
+    with pytest.raises(AssertionError, match="config extends nowhere.yaml, which is neither in"):
+        snakemake(tmp_path, "finetune", config={"extends": "nowhere.yaml"}, defaults=False)
+
+
+def test_a_store_may_import_a_coco_json(tmp_path):
+    """`method: import` makes a store of a JSON's masks (ground truth as an upper bound, another tool's pseudo
+    labels) with `sp store import-coco`, sharded like stage 1 and named by the JSON's content."""
+    (tmp_path / "gt.json").write_text("{}")
+    store = {"name": "gt", "method": "import", "import_ann": "gt.json", "unlabeled_images": "photos",
+             "unlabeled_list": "", "unlabeled_gt": ""}
+    config = {"stores": [store], "pretrain_runs": [{"name": "p", "store": "gt"}],
+              "finetune_runs": [{"name": "r", "model": "knet", "init": "p"}]}
+    out = snakemake(tmp_path, "all", "-p", config=config)
+    assert out.count("sp store import-coco gt.json --images photos --store results/stores/") == 2
+    assert "--shard 0/2" in out and "--shard 1/2" in out and "sp gen-masks" not in out
+    first = re.search(r"results/stores/([0-9a-f]{12})\.zarr", out).group(1)
+    (tmp_path / "gt.json").write_text('{"images": []}')  # other masks: another store
+    assert first not in snakemake(tmp_path, "all", "-p", config=config)
+    with pytest.raises(AssertionError, match="`method: import` and `import_ann: FILE` go together"):
+        snakemake(tmp_path, "all", config={**config, "stores": [{**store, "import_ann": ""}]})
 
 
 def test_runs_with_equal_settings_share_their_jobs(tmp_path):

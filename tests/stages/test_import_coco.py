@@ -7,6 +7,10 @@ from stages.eval_masks import evaluate_pseudo_masks
 from stages.gen_masks import RunOptions
 from stages.import_coco import annotation_mask, import_coco
 from store import rle
+from store.merge import find_parts, merge_stores
+from store.pseudo_label_store import PseudoLabelStore
+
+from conftest import assert_stores_equal
 
 
 def test_imported_ground_truth_is_a_perfect_store(demo, tmp_path):
@@ -40,3 +44,15 @@ def test_a_results_list_is_refused_with_a_reason(tmp_path, demo):
     bad.write_text(json.dumps([{"image_id": 1, "segmentation": {}, "score": 1}]))
     with pytest.raises(ValueError, match="not a COCO instances JSON"):
         import_coco(bad, demo["unlabeled"], tmp_path / "s.zarr")
+
+
+def test_sharded_import_merges_into_the_single_process_store(demo, tmp_path):
+    """`sp store import-coco --shard I/N` (the workflow's ground-truth stores) + `sp store merge` == one process."""
+    common = dict(backbone="resnet18", image_size=128, max_size=192)
+    single = import_coco(demo["unlabeled_ann"], demo["unlabeled"], tmp_path / "one.zarr", **common,
+                         options=RunOptions(batch_size=2, workers=0))
+    for index in range(2):
+        import_coco(demo["unlabeled_ann"], demo["unlabeled"], tmp_path / "gt.zarr", **common,
+                    options=RunOptions(batch_size=2, workers=0, shard=(index, 2)))
+    merge_stores(find_parts(tmp_path / "gt.zarr"), tmp_path / "gt.zarr")
+    assert_stores_equal(PseudoLabelStore.open(tmp_path / "gt.zarr"), single)

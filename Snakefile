@@ -36,6 +36,20 @@ def config_bases(files, chain=()):
 for base in config_bases(config.get("extends")):
     workflow.configfile(base)
 
+# A stage setting the config leaves out is the stage's default, read where `sp` reads it (the stages' settings
+# dataclasses, docs/defaults.md): leaving a key out and spelling out its default name the same stores and runs.
+# config/config.yaml sets only what the demo deliberately sets otherwise.
+from pipeline.workflow_defaults import workflow_defaults
+
+STAGE_DEFAULTS = workflow_defaults()
+UNKNOWN_GEN_KEYS = sorted(set(config.get("gen_masks", {})) - set(STAGE_DEFAULTS["gen_masks"]))
+if UNKNOWN_GEN_KEYS:
+    raise ValueError(f"config gen_masks: unknown keys {UNKNOWN_GEN_KEYS}; the settings are "
+                     f"{sorted(STAGE_DEFAULTS['gen_masks'])}")
+config["gen_masks"] = dict(STAGE_DEFAULTS["gen_masks"], **config.get("gen_masks", {}))
+for key, value in STAGE_DEFAULTS.items():
+    config.setdefault(key, value)
+
 RES = config["results"]
 # stores and pre-trainings are named by their settings: under a `cache` folder shared by several experiments'
 # configs, an experiment reuses those another one already made (default: inside its own results folder)
@@ -54,6 +68,10 @@ PRETRAIN_KEYS = ["small_models", "pretrain_epochs", "pretrain_batch_size", "pret
 
 def settings_hash(settings):
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def truthy(value):  # `--config small_models=false` arrives as a string
+    return str(value).lower() in ("true", "1", "yes")
 
 
 def named(section, allowed):
@@ -99,10 +117,22 @@ for name, over in named("stores", [*config["gen_masks"], *STORE_DATA_KEYS, "impo
 PRETRAIN_OF = {}  # pre-training run name -> "<store hash>-<settings hash>"
 PRETRAIN_SETTINGS = {}
 PRETRAIN_MODEL = {}  # pre-training run name -> model (knet by default)
-for name, over in named("pretrain_runs", ["store", "model", *PRETRAIN_KEYS]).items():
+# Mask R-CNN (model: maskrcnn) has no queries: no prompts and no kernel supervision; its runs may set DropLoss
+# (`sp pretrain --drop-loss/--no-drop-loss --drop-loss-iou`; absent: `sp pretrain`'s default, on at IoU 0.01)
+MASKRCNN_PRETRAIN_KEYS = ["drop_loss", "drop_loss_iou"]
+for name, over in named("pretrain_runs", ["store", "model", *PRETRAIN_KEYS, *MASKRCNN_PRETRAIN_KEYS]).items():
     store = STORE_OF[over.pop("store", next(iter(STORE_OF)))]
     settings = {k: over.get(k, config[k]) for k in PRETRAIN_KEYS}
     PRETRAIN_MODEL[name] = over.get("model", "knet")
+    if PRETRAIN_MODEL[name] == "maskrcnn":
+        if over.get("prompt", "none") != "none" or float(over.get("kernel_loss_weight", 0)) != 0:
+            raise ValueError(f"config pretrain_runs: {name}: Mask R-CNN takes no prompt nor kernel_loss_weight")
+        if "drop_loss_iou" in over and not truthy(over.get("drop_loss", True)):
+            raise ValueError(f"config pretrain_runs: {name}: drop_loss_iou is DropLoss's threshold, drop_loss false")
+        settings.update(prompt="none", kernel_loss_weight=0,
+                        **{k: over[k] for k in MASKRCNN_PRETRAIN_KEYS if k in over})
+    elif set(MASKRCNN_PRETRAIN_KEYS) & set(over):
+        raise ValueError(f"config pretrain_runs: {name}: {MASKRCNN_PRETRAIN_KEYS} are Mask R-CNN's settings")
     if PRETRAIN_MODEL[name] != "knet":  # K-Net runs keep the hashes (and finished runs) they had before `model`
         settings["model"] = PRETRAIN_MODEL[name]
     PRETRAIN_OF[name] = f"{store}-{settings_hash(settings)}"
@@ -119,16 +149,14 @@ for name, run in RUNS.items():
                          f"a {PRETRAIN_MODEL[run['init']]} pre-training run")
 
 FIGURES = config["figures"]  # kernel_maps: [fine-tuning runs], kernel_maps_pretrain: [pre-training runs], compare: [...]
-# What the rows use: the pre-training runs they start from (and those drawn in figures) and those runs' stores. A
-# config may define more (a shared catalog of stores and runs, see `extends`): `all` makes only what its rows
-# use, the targets `gen_masks` and `pretrain` make everything defined.
+# What the rows use: the pre-training runs they start from (and those drawn in figures) and those runs' stores,
+# plus the stores no pre-training run reads (defined to be scored, e.g. the demo's random backbone). A config may
+# define more (a shared catalog of stores and runs, see `extends`): `all` makes only what its rows use, the
+# targets `gen_masks` and `pretrain` make everything defined.
 USED_PRETRAIN = [name for name in PRETRAIN_OF
                  if name in {run.get("init") for run in RUNS.values()} | set(FIGURES.get("kernel_maps_pretrain", []))]
-USED_STORES = [h for h in STORE_DATA if h in {PRETRAIN_SETTINGS[PRETRAIN_OF[name]]["store"] for name in USED_PRETRAIN}]
-
-
-def truthy(value):  # `--config small_models=false` arrives as a string
-    return str(value).lower() in ("true", "1", "yes")
+STORES_OF = lambda names: {PRETRAIN_SETTINGS[PRETRAIN_OF[name]]["store"] for name in names}
+USED_STORES = [h for h in STORE_DATA if h in STORES_OF(USED_PRETRAIN) or h not in STORES_OF(PRETRAIN_OF)]
 
 
 def sp(nproc=1):
@@ -176,19 +204,21 @@ def gen_masks_cmd(w):
                     device=config["device"], method=g["method"],
                     backbone=g["backbone"], backbone_weights=g["backbone_weights"], image_size=g["image_size"],
                     max_size=g["max_size"], min_score=g["min_score"], max_masks=g["max_masks"], nms=g["nms"],
-                    refine=g.get("refine", "none")))
+                    refine=g["refine"]))
 
 
 def pretrain_cmd(w):
     p = PRETRAIN_SETTINGS[w.key]
+    drop_loss = truthy(p["drop_loss"]) if "drop_loss" in p else None  # Mask R-CNN runs that set it
     return (f"pretrain --store {CACHE}/stores/{p['store']}.zarr --images {STORE_DATA[p['store']]['unlabeled_images']} "
             f"--out {CACHE}/pretrain/{w.key}/seed{w.seed} --resume "
             + flags(model=p["model"], small=truthy(p["small_models"]), epochs=p["pretrain_epochs"],
                     batch_size=p["pretrain_batch_size"],
                     lr_steps=p["pretrain_lr_steps"], warmup_steps=p["pretrain_warmup_steps"],
                     image_size=p["pretrain_image_size"], max_size=p["pretrain_max_size"], prompt=p["prompt"],
-                    kernel_loss_weight=p["kernel_loss_weight"], seed=w.seed, backbone=BACKBONE,
-                    backbone_weights=WEIGHTS, **COMMON))
+                    kernel_loss_weight=p["kernel_loss_weight"], drop_loss=drop_loss is True,
+                    no_drop_loss=drop_loss is False, drop_loss_iou=p.get("drop_loss_iou"), seed=w.seed,
+                    backbone=BACKBONE, backbone_weights=WEIGHTS, **COMMON))
 
 
 def train_ann(run, seed):
@@ -224,7 +254,7 @@ def table_cmd(w, input):
                if h in USED_STORES and STORE_DATA[h]["unlabeled_gt"]]
     return (f"sp table {' '.join(input.evals)} --names {names} --out {RES}/results "
             + flags(metrics=metrics, early_epochs=config["early_epochs"], pseudo_masks=quality,
-                    decimals=config["table_decimals"]))
+                    decimals=config["table_decimals"], allow_mixed=truthy(config.get("allow_mixed_versions", False))))
 
 
 def check_labels_cmd(w):

@@ -1,156 +1,316 @@
-"""Stage-1 throughput, its breakdown, and the saliency step against a per-seed loop (memory: bench/memory.py).
+"""Stage 1 (`sp gen-masks`) on real photos: is it bound by the backbone? One subcommand per figure of
+bench/README.md; each prints a markdown table and writes its JSON under --out.
 
-    python bench/gen_masks.py --images 32 --image-size 512 --backbone resnet50 --batch-size 4
+    python bench/gen_masks.py loop       # the device loop against the backbone alone, stage by stage
+    python bench/gen_masks.py command    # the whole command: --refine none / superpixel x --workers 0 / 1 / 2
+    python bench/gen_masks.py loader     # CPU seconds per image of the loader workers, 512 and 800 px
+    python bench/gen_masks.py saliency --backbone resnet50 --weights none   # Eq. 3-4 against a per-seed loop
 
-Images come from `sp demo-data` (480x640, like COCO), written once under --work. Prints a markdown table.
+Defaults: the first 96 photos of ../shared/datasets/coco_subset/train/images, EfficientNet-Lite0 with its
+ImageNet weights, short side 512 (long side <= 853), batch 4, CPU.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import subprocess
+import queue
+import shutil
 import sys
 import time
 import warnings
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.backbone import build_backbone  # noqa: E402
+import models.saliency  # noqa: E402
+import stages.gen_masks  # noqa: E402
+from bench.memory import run_measured  # noqa: E402
+from models.backbone import build_backbone, resolve_backbone_weights  # noqa: E402
+from models.mask_refinement import RefineConfig  # noqa: E402
 from models.saliency import SaliencyConfig, saliency_maps, select_candidates  # noqa: E402
-from pipeline.demo_data import make_demo_data  # noqa: E402
-from stages.gen_masks import GenerationSettings, RunOptions, generate, saliency_proposals, to_results  # noqa: E402
-from stages.image_data import ImageFolder, batch_loader, list_images  # noqa: E402
+from stages.gen_masks import GenerationSettings, image_folder, saliency_proposals, to_results  # noqa: E402
+from stages.image_data import batch_loader, list_images  # noqa: E402
 from store import rle  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+REPO = Path(__file__).resolve().parents[1]
+# The main loop's steps, timed (in a separate pass) by wrapping each function where stage 1 calls it.
+STEPS = [(stages.gen_masks, "select_candidates"), (models.saliency, "saliency_maps"),
+         (stages.gen_masks, "kept_maps"), (models.saliency, "refine_maps")]
 
 
-def demo_images(work: Path, count: int) -> Path:
-    folder = work / f"demo{count}"
-    if not (folder / "unlabeled").is_dir():
-        make_demo_data(folder, num_unlabeled=count, num_train=1, num_val=1, image_size=(480, 640))
-    return folder / "unlabeled"
+def settings_for(args, refine: str, image_size: int | None = None, max_size: int | None = None):
+    return GenerationSettings(backbone=args.backbone, image_size=image_size or args.image_size,
+                              max_size=max_size or args.max_size, refine=RefineConfig(method=refine))
+
+
+def synchronizer(device: str):
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+@contextmanager
+def timed_steps(totals: dict, sync):
+    """Add the seconds of every call of the STEPS functions to totals[name] (nested calls count in both)."""
+    originals = [(module, name, getattr(module, name)) for module, name in STEPS]
+
+    def timed(fn, name):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            totals[name] += time.perf_counter() - start
+            return out
+        return call
+
+    for module, name, fn in originals:
+        setattr(module, name, timed(fn, name))
+    try:
+        yield
+    finally:
+        for module, name, fn in originals:
+            setattr(module, name, fn)
+
+
+def device_loop(batches, backbone, settings, device, sync) -> tuple[tuple[float, float], queue.SimpleQueue]:
+    """`generate`'s loop without the loader and the writer: what the device (and the thread feeding it) does
+    per batch, up to the hand-off of the batch's per-image work. Returns ((wall, CPU seconds), the hand-offs)."""
+    handoff = queue.SimpleQueue()
+    start, cpu = time.perf_counter(), time.process_time()
+    for batch in batches:
+        batch = batch.to(device)
+        handoff.put((batch, saliency_proposals(backbone(batch.images)["c5"], batch, settings)))
+    sync()
+    return (time.perf_counter() - start, time.process_time() - cpu), handoff
+
+
+def backbone_loop(batches, backbone, device, sync) -> tuple[float, float]:
+    """The same batches through the backbone alone: (wall, CPU seconds)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    for batch in batches:
+        backbone(batch.to(device).images)
+    sync()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def writer_work(handoff: queue.SimpleQueue, sync) -> dict:
+    """The writer thread's work on the hand-offs, timed step by step (seconds in all) and the masks made."""
+    t = defaultdict(float)
+    while not handoff.empty():
+        batch, finish = handoff.get()
+        start = time.perf_counter()
+        proposals = finish()
+        sync()
+        t["full_size_masks"] += time.perf_counter() - start
+        start = time.perf_counter()
+        results = to_results(batch, proposals)
+        t["copy_to_cpu"] += time.perf_counter() - start
+        start = time.perf_counter()
+        t["masks"] += sum(len(rle.encode_batch(r.rle)) for r in results)
+        t["rle_encode"] += time.perf_counter() - start
+    return t
+
+
+def loop(args) -> dict:
+    """Main-loop time per image (decoding and writing excluded: they run in the workers and the writer thread)
+    against a backbone-only loop over the same batches, per refinement, the best of --repeats alternating runs;
+    then one instrumented pass for the per-step breakdown."""
+    names = list_images(args.images)[: args.count]
+    backbone = build_backbone(args.backbone, resolve_backbone_weights(args.backbone, args.weights),
+                              out_levels=("c5",)).to(args.device).eval()
+    sync = synchronizer(args.device)
+    out = {}
+    with torch.inference_mode():
+        for refine in args.refine:
+            settings = settings_for(args, refine)
+            # decoded, resized and segmented up front: that is the loader workers' part, timed by `loader`
+            batches = list(batch_loader(image_folder(args.images, names, settings), args.batch_size, 0))
+            writer_work(device_loop(batches[:1], backbone, settings, args.device, sync)[1], sync)  # warm-up
+            # best (wall, CPU seconds) of each; nothing else of this process runs meanwhile, so on a CPU its CPU
+            # time is the loop's compute, less disturbed than wall time by other jobs on a shared machine
+            backbone_only, main = [float("inf")] * 2, [float("inf")] * 2
+            for _ in range(args.repeats):
+                seconds = backbone_loop(batches, backbone, args.device, sync)
+                backbone_only = [min(a, b) for a, b in zip(backbone_only, seconds)]
+                seconds, handoff = device_loop(batches, backbone, settings, args.device, sync)
+                main = [min(a, b) for a, b in zip(main, seconds)]
+                writer = writer_work(handoff, sync)
+            steps = defaultdict(float)
+            with timed_steps(steps, sync):
+                for batch in batches:
+                    batch = batch.to(args.device)
+                    start = time.perf_counter()
+                    c5 = backbone(batch.images)["c5"]
+                    sync()
+                    steps["backbone"] += time.perf_counter() - start
+                    saliency_proposals(c5, batch, settings)
+            n = len(names)
+            out[refine] = {
+                "backbone_only_s_per_img": backbone_only[0] / n, "main_loop_s_per_img": main[0] / n,
+                "main_loop_throughput_vs_backbone_only": backbone_only[0] / main[0],
+                "cpu_s_per_img": {"backbone_only": backbone_only[1] / n, "main_loop": main[1] / n},
+                "by_cpu_time": backbone_only[1] / main[1],
+                "main_loop_steps_s_per_img": {
+                    "backbone": steps["backbone"] / n, "saliency_maps": steps["saliency_maps"] / n,
+                    "nms_and_top_k": (steps["select_candidates"] - steps["saliency_maps"]) / n,
+                    "kept_maps_to_working_grid": (steps["kept_maps"] - steps["refine_maps"]) / n,
+                    "refinement": steps["refine_maps"] / n},
+                "writer_s_per_img": {k: v / n for k, v in writer.items() if k != "masks"},
+                "masks_per_img": writer["masks"] / n}
+    print(f"{len(names)} photos, {args.backbone} ({args.weights}), {args.image_size} px, batch {args.batch_size}, "
+          f"{args.device}, {torch.get_num_threads()} threads\n")
+    print("| --refine | backbone-only s/img | main loop s/img | throughput vs backbone-only (by CPU time) | "
+          "main-loop steps s/img: backbone / saliency maps / NMS + top-k / kept maps to working grid / refinement | "
+          "writer s/img: full-size masks / copy to CPU / RLE |\n|---|---:|---:|---:|---|---|")
+    for refine, r in out.items():
+        steps, writer = r["main_loop_steps_s_per_img"], r["writer_s_per_img"]
+        print(f"| {refine} | {r['backbone_only_s_per_img']:.3f} | {r['main_loop_s_per_img']:.3f} | "
+              f"**{r['main_loop_throughput_vs_backbone_only']:.3f}** ({r['by_cpu_time']:.3f}) | "
+              f"{' / '.join(f'{v:.4f}' for v in steps.values())} | {' / '.join(f'{v:.4f}' for v in writer.values())} |")
+    return {"photos": len(names), "threads": torch.get_num_threads(), **vars_of(args), "results": out}
+
+
+def store_digest(store: Path) -> str:
+    """sha256 of every file of a store but the creation time: equal digests, byte-identical stores."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in store.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path == store / "zarr.json":
+            root = json.loads(data)
+            root["attributes"].pop("created")
+            data = json.dumps(root, sort_keys=True).encode()
+        digest.update(str(path.relative_to(store)).encode() + b"\0" + data)
+    return digest.hexdigest()
+
+
+def command(args) -> dict:
+    """The whole `sp gen-masks` (start-up, loader, device loop, writer) in its own process per run, each
+    refinement at each --workers, alternating refinements, the best wall time of --repeats."""
+    flags = ["--limit", str(args.count), "--backbone", args.backbone, "--backbone-weights", args.weights,
+             "--image-size", str(args.image_size), "--max-size", str(args.max_size), "--batch-size",
+             str(args.batch_size), "--device", args.device]
+    runs = {}
+    for workers in args.workers:
+        for _ in range(args.repeats):
+            for refine in args.refine:
+                store = args.out / f"command-{refine}-w{workers}.zarr"
+                shutil.rmtree(store, ignore_errors=True)
+                wall, usage = run_measured(["gen-masks", str(args.images), "--store", str(store), *flags,
+                                            "--workers", str(workers), "--refine", refine],
+                                           store.with_suffix(".log"), env={"OMP_NUM_THREADS": str(args.threads)})
+                best = runs.get((refine, workers), {"wall_s": float("inf")})
+                runs[(refine, workers)] = {
+                    "refine": refine, "workers": workers, "wall_s": min(wall, best["wall_s"]),
+                    # the process and its reaped children (the loader workers)
+                    "cpu_s_per_img": (usage.ru_utime + usage.ru_stime) / args.count, "digest": store_digest(store)}
+    print(f"{args.count} photos, {args.backbone}, {args.image_size} px, batch {args.batch_size}, {args.device}, "
+          f"OMP_NUM_THREADS={args.threads}\n")
+    print("| --refine | --workers | wall s | img/s | CPU s/img (all processes) | wall × none | store = first "
+          "--workers' |\n|---|---:|---:|---:|---:|---:|---|")
+    for (refine, workers), r in runs.items():
+        r["img_per_s"] = args.count / r["wall_s"]
+        r["wall_vs_none"] = r["wall_s"] / runs[("none", workers)]["wall_s"] if ("none", workers) in runs else None
+        r["store_same_as_first_workers"] = r["digest"] == runs[(refine, args.workers[0])]["digest"]
+        print(f"| {refine} | {workers} | {r['wall_s']:.1f} | {r['img_per_s']:.3f} | {r['cpu_s_per_img']:.3f} | "
+              f"{r['wall_vs_none'] or float('nan'):.3f} | {r['store_same_as_first_workers']} |")
+    return {"photos": args.count, **vars_of(args), "results": list(runs.values())}
+
+
+def loader(args) -> dict:
+    """CPU seconds per image of a DataLoader worker (one torch thread, as in a worker): decoding and resizing,
+    and with the superpixels, at each --sizes. One core feeds 1 / that images per second."""
+    torch.set_num_threads(1)
+    names = list_images(args.images)[: args.count]
+    rows = []
+    for image_size, max_size in args.sizes:
+        for refine in args.refine:
+            folder = image_folder(args.images, names, settings_for(args, refine, image_size, max_size))
+            folder[0]  # imports and first-call costs are not per image
+            start = time.process_time()
+            for k in range(len(folder)):
+                folder[k]
+            cpu = (time.process_time() - start) / len(folder)
+            rows.append({"image_size": image_size, "max_size": max_size, "refine": refine, "cpu_s_per_img": cpu,
+                         "img_per_s_per_core": 1 / cpu})
+    print(f"{len(names)} photos, one thread\n\n| short side (long <=) | --refine | loader CPU s/img | img/s one core "
+          "feeds |\n|---|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['image_size']} ({r['max_size']}) | {r['refine']} | {r['cpu_s_per_img']:.4f} | "
+              f"{r['img_per_s_per_core']:.1f} |")
+    return {"photos": len(names), **vars_of(args), "results": rows}
 
 
 def per_seed_loop(c5: torch.Tensor, pools=(1, 2, 4)) -> torch.Tensor:
     """Eq. 3-4 written the straightforward way: one seed at a time, one similarity map each."""
     unit = F.normalize(c5, dim=0)
-    d, h, w = unit.shape
     maps = []
     for pool in pools:
         pooled = F.avg_pool2d(unit[None], pool)[0] if pool > 1 else unit
         for y in range(pooled.shape[1]):
             for x in range(pooled.shape[2]):
-                seed = F.normalize(pooled[:, y, x], dim=0)
-                sim = (seed[:, None, None] * unit).sum(0)
+                sim = (F.normalize(pooled[:, y, x], dim=0)[:, None, None] * unit).sum(0)
                 sim = sim - sim.min()
                 maps.append(sim / sim.max())
     return torch.stack(maps)
 
 
-def timed(fn, *args):
-    start = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - start
-
-
-def throughput(args) -> dict:
-    images = demo_images(args.work, args.images)
-    names = list_images(images)
-    # No score/width/position filter keeps ~20 masks per image (the design notes' figure for a trained
-    # backbone), so encoding and writing are measured at full load; a random backbone with the default
-    # filters would keep almost none.
-    settings = GenerationSettings(backbone=args.backbone, image_size=args.image_size, max_size=args.max_size,
-                                  saliency=SaliencyConfig(min_score=args.min_score, max_width_frac=1.01,
-                                                          min_center_y_frac=0.0))
-    backbone = build_backbone(args.backbone, None, out_levels=("c5",)).to(args.device).eval()
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    loader = lambda: batch_loader(ImageFolder(images, names, args.image_size, args.max_size),  # noqa: E731
-                                  args.batch_size, args.workers)
-    # Warm-up: numba compilation and the first allocator growth are not part of steady state.
+def saliency(args) -> dict:
+    """The saliency step (Eq. 3-4) on the C5 of one photo: vectorised (`saliency_maps`) against the per-seed
+    loop above, and with NMS and top-k (`select_candidates`); best of --repeats."""
+    settings = settings_for(args, "none")
+    batch = next(iter(batch_loader(image_folder(args.images, list_images(args.images)[:1], settings), 1, 0)))
+    backbone = build_backbone(args.backbone, resolve_backbone_weights(args.backbone, args.weights),
+                              out_levels=("c5",)).eval()
     with torch.inference_mode():
-        for batch in loader():
-            c5 = backbone(batch.images.to(args.device))["c5"]
-            results = to_results(batch, saliency_proposals(c5, batch, settings))
-            [rle.encode_batch(r.rle) for r in results]
-            break
-    t = {"decode": 0.0, "backbone": 0.0, "saliency_nms": 0.0, "encode": 0.0}
-    start = time.perf_counter()
-    with torch.inference_mode():
-        tick = time.perf_counter()
-        for batch in loader():
-            t["decode"] += time.perf_counter() - tick  # time spent waiting for decoded batches
-            c5, dt = timed(lambda: (backbone(batch.images.to(args.device))["c5"], sync())[0])
-            t["backbone"] += dt
-            proposals, dt = timed(lambda: (saliency_proposals(c5, batch, settings), sync())[0])
-            t["saliency_nms"] += dt
-            results = to_results(batch, proposals)
-            _, dt = timed(lambda: [rle.encode_batch(r.rle) for r in results])
-            t["encode"] += dt
-            tick = time.perf_counter()
-    breakdown_total = time.perf_counter() - start
-    store = args.work / f"bench-{args.backbone}-{args.image_size}-{args.images}.zarr"
-    options = RunOptions(batch_size=args.batch_size, workers=args.workers, device=args.device)
-    # This machine's speed drifts between runs: alternate the two measurements and keep the best of each.
-    backbone_only, whole = float("inf"), float("inf")
-    for _ in range(args.repeats):
-        with torch.inference_mode():
-            start = time.perf_counter()
-            for b in loader():
-                backbone(b.images.to(args.device))
-            sync()
-            backbone_only = min(backbone_only, time.perf_counter() - start)
-        subprocess.run(["rm", "-rf", str(store)], check=True)
-        # the same (already built) backbone: model construction is a one-off cost outside both loops
-        whole = min(whole, timed(lambda: generate(images, store, settings, options, backbone=backbone))[1])
-    # The saliency part alone (Eq. 3-4) on the C5 of one image, against the per-seed loop.
-    with torch.inference_mode():
-        batch = next(iter(loader()))
         gh, gw = batch.grid_hw[0]
-        c5 = backbone(batch.images[:1].to(args.device))["c5"][0, :, :gh, :gw]
-        valid = torch.ones(1, gh, gw, dtype=torch.bool, device=args.device)
-        _, vec = timed(lambda: [saliency_maps(c5[None], valid) for _ in range(5)])
-        _, full = timed(lambda: [select_candidates(c5[None], valid, SaliencyConfig()) for _ in range(5)])
-        _, loop = timed(per_seed_loop, c5)
-    n = len(names)
-    return {
-        "images": n, "repeats": args.repeats, "device": args.device,
-        "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
-        "workers": args.workers, "threads": torch.get_num_threads(), "c5_grid": [gh, gw],
-        "whole_command_img_s": n / whole, "backbone_only_img_s": n / backbone_only,
-        "ratio_whole_to_backbone_only": backbone_only / whole,
-        "breakdown_s_per_img": {k: v / n for k, v in t.items()}, "breakdown_total_img_s": n / breakdown_total,
-        "saliency_vectorised_ms": vec / 5 * 1000, "saliency_per_seed_loop_ms": loop * 1000,
-        "saliency_plus_nms_ms": full / 5 * 1000,
-        "saliency_speedup": loop / (vec / 5),
-        "masks_per_image": store_summary_masks(store) / n,
-    }
+        c5 = backbone(batch.images)["c5"][0, :, :gh, :gw]
+        valid = torch.ones(1, gh, gw, dtype=torch.bool)
+        best = defaultdict(lambda: float("inf"))
+        for _ in range(args.repeats):
+            for name, fn in [("vectorised", lambda: saliency_maps(c5[None], valid)),
+                             ("with_nms", lambda: select_candidates(c5[None], valid, SaliencyConfig())),
+                             ("per_seed_loop", lambda: per_seed_loop(c5))]:
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    out = {"c5_grid": [gh, gw], **{f"{k}_ms": v * 1000 for k, v in best.items()},
+           "speedup": best["per_seed_loop"] / best["vectorised"]}
+    print(f"| {args.backbone}, {args.image_size} px (C5 {gh}×{gw}) | {out['vectorised_ms']:.1f} ms vs "
+          f"{out['per_seed_loop_ms']:.0f} ms: **{out['speedup']:.0f}×** | with NMS and top-k: "
+          f"{out['with_nms_ms']:.1f} ms |")
+    return {**vars_of(args), "results": out}
 
 
-def store_summary_masks(store: Path) -> int:
-    from store.pseudo_label_store import PseudoLabelStore
-
-    return int(PseudoLabelStore.open(store).progress["masks_done"])
+def vars_of(args) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("figure", choices=["loop", "command", "loader", "saliency"])
+    parser.add_argument("--images", type=Path, default=REPO.parent / "shared/datasets/coco_subset/train/images")
+    parser.add_argument("--count", type=int, default=96, help="the first N photos (sorted by path)")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--weights", default="imagenet", help="--backbone-weights: imagenet, none or a file")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--max-size", type=int, default=853)
-    parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--min-score", type=float, default=0.0)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of backbone-only and whole")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/sp-bench"))
+    parser.add_argument("--refine", nargs="+", default=["none", "superpixel"])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="command: --workers of each run")
+    parser.add_argument("--threads", type=int, default=1, help="command: OMP_NUM_THREADS of each run")
+    parser.add_argument("--sizes", type=lambda s: tuple(int(v) for v in s.split(",")), nargs="+",
+                        default=[(512, 853), (800, 1333)], help="loader: SHORT,LONG sides")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs; the best of each is kept")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/sp-bench/gen-masks"))
     args = parser.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(throughput(args), indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"loop": loop, "command": command, "loader": loader, "saliency": saliency}[args.figure](args)
+    (args.out / f"{args.figure}.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 #!/bin/bash
 # The committed tables and charts of the coco_subset experiment, from its finished runs (the workflow's
 # results/coco_subset/): the full table (coco_results.md/.json, as `snakemake ... all` wrote it) and one chart of
-# learning curves per group of rows, so that no chart carries all 19 lines.
+# learning curves per group of rows, so that no chart carries all 19 lines. Arguments are passed to `sp table`
+# (e.g. --allow-mixed: a row whose seeds ran different code versions is refused otherwise).
 set -euo pipefail
+TABLE_FLAGS=("$@")
 cd "$(dirname "$0")/.."  # the repository root; needs `sp` on PATH (the project venv)
 RES=results/coco_subset
 cp $RES/results.md experiments/coco_results.md
@@ -15,7 +17,7 @@ curves() {  # curves OUT ROW...: the learning curves of these rows (every seed) 
   for r in "$@"; do for s in $SEEDS; do
     E="$E $RES/finetune/$r/seed$s/eval.json"; N="$N,$r"; M="$M --metrics $RES/finetune/$r/seed$s/metrics.jsonl"
   done; done
-  sp table $E --names ${N#,} $M --decimals 2 --out $RES/$out > /dev/null
+  sp table $E --names ${N#,} $M --decimals 2 --out $RES/$out "${TABLE_FLAGS[@]}" > /dev/null
   cp $RES/${out}_curves.png experiments/$out.png
 }
 # the class-agnostic rows on all 310 labeled photos (no `percent`)

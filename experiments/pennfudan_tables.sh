@@ -5,8 +5,10 @@
 # (mask and box AP, AP after the early epochs) and one chart of learning curves (mean ± sd over seeds) per label
 # budget (Figure 4's form). A seed whose run is not on this machine keeps what the committed
 # pennfudan_results.json recorded of it (`sp table --include`), so a session on a fresh machine that runs some
-# rows or seeds does not drop the others.
+# rows or seeds does not drop the others. Arguments are passed to every `sp table`: a row whose seeds ran different
+# code versions (or some from before versions were recorded) is refused unless given --allow-mixed.
 set -euo pipefail
+TABLE_FLAGS=("$@")
 cd "$(dirname "$0")/.."  # the repository root; needs `sp` on PATH (the project venv)
 RES=results/pennfudan
 RECORDED=$(mktemp --suffix .json)  # the committed record, read before this script rewrites it
@@ -20,8 +22,8 @@ for run in config['finetune_runs']:
 EARLY=$(python -c "import yaml; print(*yaml.safe_load(open('experiments/pennfudan.yaml'))['early_epochs'])")
 
 recorded() {  # recorded ROW FILE: true when the committed record has ROW's seed evaluated in FILE
-  python -c "import json, sys; sys.exit(sys.argv[3] not in [r.get('file') for r in
-             json.load(open(sys.argv[1]))['runs'].get(sys.argv[2], [])])" $RECORDED $1 $2
+  python -c "import json, os, sys; sys.exit(os.path.normpath(sys.argv[3]) not in [os.path.normpath(r['file']) for r in
+             json.load(open(sys.argv[1]))['runs'].get(sys.argv[2], []) if 'file' in r])" $RECORDED $1 $2
 }
 table() {  # table OUT ROW...: sp table of the ROWs whose every seed finished here or is recorded -> $RES/OUT.*
   local out=$1 E="" N="" M="" R="" r s f missing; shift
@@ -37,7 +39,7 @@ table() {  # table OUT ROW...: sp table of the ROWs whose every seed finished he
   done
   [ -n "$R" ] || { echo "no finished row for $out" >&2; return 0; }
   sp table $E --names "${N#,}" $M $(printf -- "--early-epochs %s " $EARLY) --decimals 1 --include $RECORDED \
-    --rows ${R#,} --out $RES/$out > /dev/null
+    --rows ${R#,} --out $RES/$out "${TABLE_FLAGS[@]}" > /dev/null
 }
 table results $(cut -d' ' -f1 <<< "$RUNS")
 cp $RES/results.md experiments/pennfudan_results.md

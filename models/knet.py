@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from models.backbone import build_backbone
 from models.fpn import FPN, ConvGNReLU, SemanticFusion
 from models.losses import knet_losses
-from models.query_model import PromptFn, maps_at_image_size, mask_quality
-from models.saliency import mask_boxes
+from models.query_model import PromptFn, query_instances
 
 
 @dataclass
@@ -215,23 +214,11 @@ class KNet(nn.Module):
         Returns per image dict(scores (k,), labels (k,) long, masks (k, h0, w0) bool, boxes (k, 4) xyxy
         float with exclusive x2/y2), k = min(max_per_image, N * K), sorted by decreasing score.
         """
-        stages, _ = self(images)
-        last = stages[-1]
-        num_classes = last["logits"].shape[-1]
-        results = []
-        for b, ((h, w), (h0, w0)) in enumerate(zip(image_sizes, orig_sizes)):
-            scores = last["logits"][b].sigmoid().flatten()
-            k = min(self.cfg.max_per_image, scores.numel())
-            scores, idx = scores.topk(k)
-            labels, kernel = idx % num_classes, idx // num_classes
-            probs, inverse = maps_at_image_size(last["masks"][b].sigmoid(), kernel, images.shape[-2:], (h, w), (h0, w0))
-            masks = probs > self.cfg.mask_threshold_test  # one per distinct kernel
-            order = torch.arange(k, device=scores.device)
-            if self.cfg.mask_quality_score:
-                scores, order = (scores * mask_quality(probs, masks)[inverse]).sort(descending=True)
-            chosen = inverse[order]
-            results.append(dict(scores=scores, labels=labels[order], masks=masks[chosen], boxes=mask_boxes(masks)[chosen]))
-        return results
+        last = self(images)[0][-1]
+        return [query_instances(last["logits"][b].sigmoid(), last["masks"][b].sigmoid(), images.shape[-2:], valid,
+                                orig, self.cfg.max_per_image, self.cfg.mask_threshold_test, maps_are_logits=False,
+                                quality_score=self.cfg.mask_quality_score)
+                for b, (valid, orig) in enumerate(zip(image_sizes, orig_sizes))]
 
 
 def build_knet(cfg: KNetConfig, backbone_weights: Path | None = None) -> KNet:

@@ -24,8 +24,7 @@ from models.backbone import build_backbone
 from models.fpn import sine_position_encoding
 from models.mask2former_losses import mask2former_losses
 from models.pixel_decoder import PixelDecoder
-from models.query_model import PromptFn, maps_at_image_size, mask_quality
-from models.saliency import mask_boxes
+from models.query_model import PromptFn, query_instances
 
 
 @dataclass
@@ -186,20 +185,10 @@ class Mask2Former(nn.Module):
         decreasing score.
         """
         last = self(images)[0][-1]
-        results = []
-        for b, ((h, w), (h0, w0)) in enumerate(zip(image_sizes, orig_sizes)):
-            class_scores = last["logits"][b].float().softmax(-1)[:, :-1]  # (N, K)
-            num_classes = class_scores.shape[1]
-            k = min(self.cfg.max_per_image, class_scores.numel())
-            scores, idx = class_scores.flatten().topk(k)
-            labels, query = idx % num_classes, idx // num_classes
-            probs, inverse = maps_at_image_size(last["masks"][b], query, images.shape[-2:], (h, w), (h0, w0))
-            probs = probs.sigmoid()
-            masks = probs > self.cfg.mask_threshold_test
-            scores, order = (scores * mask_quality(probs, masks)[inverse]).sort(descending=True)
-            chosen = inverse[order]
-            results.append(dict(scores=scores, labels=labels[order], masks=masks[chosen], boxes=mask_boxes(masks)[chosen]))
-        return results
+        return [query_instances(last["logits"][b].float().softmax(-1)[:, :-1], last["masks"][b], images.shape[-2:],
+                                valid, orig, self.cfg.max_per_image, self.cfg.mask_threshold_test,
+                                maps_are_logits=True, quality_score=True)
+                for b, (valid, orig) in enumerate(zip(image_sizes, orig_sizes))]
 
 
 def build_mask2former(cfg: Mask2FormerConfig, backbone_weights: Path | None = None) -> Mask2Former:

@@ -4,7 +4,8 @@ The backbone is ours (``models.backbone.build_backbone``: every backbone and wei
 under torchvision's FPN with a max-pooled extra level, as torchvision builds its ResNet-FPN. Unlike
 torchvision's FrozenBatchNorm2d, batch norms keep trainable affine parameters with fixed statistics
 (``norm_eval``), as in K-Net's fine-tuning. ``MaskRCNNAdapter`` gives it K-Net's fine-tuning interface:
-contiguous labels 0..C-1 and ``predict`` dicts like ``KNet.predict``.
+contiguous labels 0..C-1 and ``predict`` dicts like ``KNet.predict``. For pre-training on pseudo masks,
+``drop_loss_iou`` puts CutLER's DropLoss (``models.drop_loss``) in place of the RoI classification loss.
 
 Input convention differs from K-Net: images are 0-1 RGB tensors (3, H, W) of any size, NOT normalised;
 torchvision's GeneralizedRCNNTransform normalises them (ImageNet mean/std) and resizes them so the short
@@ -27,6 +28,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from models.backbone import IMAGENET_MEAN, IMAGENET_STD, LEVELS, FeatureBackbone, build_backbone
+from models.drop_loss import with_drop_loss
 from models.saliency import mask_boxes
 
 
@@ -78,12 +80,16 @@ class BackboneFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), feats[lvl]) for i, lvl in enumerate(LEVELS)))
 
 
-def build_maskrcnn(cfg: MaskRCNNConfig, backbone_weights: Path | None = None) -> MaskRCNN:
-    """torchvision Mask R-CNN on our backbone (``None`` weights: random, with a loud warning)."""
+def build_maskrcnn(cfg: MaskRCNNConfig, backbone_weights: Path | None = None,
+                   drop_loss_iou: float | None = None) -> MaskRCNN:
+    """torchvision Mask R-CNN on our backbone (``None`` weights: random, with a loud warning).
+
+    drop_loss_iou: train the RoI classifier with CutLER's DropLoss at this IoU threshold (None: torchvision's
+    loss). It changes the training loss only: parameters, state dict and inference stay the same."""
     body = build_backbone(cfg.backbone, backbone_weights, frozen_stages=cfg.frozen_stages, norm_eval=True)
     c, classes = cfg.fpn_channels, cfg.num_classes + 1  # torchvision counts the background as a class
     mask_layers = [cfg.mask_head_channels] * 4
-    return MaskRCNN(
+    model = MaskRCNN(
         BackboneFPN(body, c), min_size=cfg.min_size, max_size=cfg.max_size,
         box_head=TwoMLPHead(c * 7 * 7, cfg.box_head_dim), box_predictor=FastRCNNPredictor(cfg.box_head_dim, classes),
         mask_head=MaskRCNNHeads(c, mask_layers, 1),
@@ -92,10 +98,14 @@ def build_maskrcnn(cfg: MaskRCNNConfig, backbone_weights: Path | None = None) ->
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
         rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
         box_batch_size_per_image=cfg.box_batch_size_per_image, box_detections_per_img=cfg.box_detections_per_img)
+    if drop_loss_iou is not None:
+        model.roi_heads = with_drop_loss(model.roi_heads, drop_loss_iou)
+    return model
 
 
 class MaskRCNNAdapter(nn.Module):
-    """Mask R-CNN behind K-Net's fine-tuning interface: ``loss`` and ``predict`` on 0-1 RGB image lists."""
+    """Mask R-CNN behind K-Net's fine-tuning interface: ``loss`` (also ``forward``) and ``predict`` on 0-1 RGB
+    image lists."""
 
     def __init__(self, cfg: MaskRCNNConfig, model: MaskRCNN) -> None:
         super().__init__()
@@ -132,6 +142,10 @@ class MaskRCNNAdapter(nn.Module):
         with self._mode(True):
             return self.model(list(images), tv_targets)
 
+    def forward(self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """``loss``; training calls the module itself, so that DistributedDataParallel averages gradients."""
+        return self.loss(images, targets)
+
     @torch.no_grad()
     def predict(self, images: Sequence[Tensor], orig_sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
         """Detections per image, in ``KNet.predict``'s format, sorted by decreasing score.
@@ -154,9 +168,10 @@ class MaskRCNNAdapter(nn.Module):
         return results
 
 
-def build_maskrcnn_adapter(cfg: MaskRCNNConfig, backbone_weights: Path | None = None) -> MaskRCNNAdapter:
+def build_maskrcnn_adapter(cfg: MaskRCNNConfig, backbone_weights: Path | None = None,
+                           drop_loss_iou: float | None = None) -> MaskRCNNAdapter:
     """``build_maskrcnn`` wrapped in ``MaskRCNNAdapter``."""
-    return MaskRCNNAdapter(cfg, build_maskrcnn(cfg, backbone_weights))
+    return MaskRCNNAdapter(cfg, build_maskrcnn(cfg, backbone_weights, drop_loss_iou))
 
 
 def maskrcnn_optimizer(model: nn.Module, lr: float = 0.02, momentum: float = 0.9,

@@ -12,8 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from models.saliency import mask_boxes
 
 PromptFn = Callable[[Tensor, Mapping[str, Tensor]], Tensor]
 Assignments = list[list[tuple[Tensor, Tensor]]]
@@ -67,3 +70,31 @@ def mask_quality(probs: Tensor, masks: Tensor) -> Tensor:
     """Mean probability inside each binary mask, (U, h, w) probabilities and masks -> (U,): Mask2Former's
     mask score, which multiplies the class score so that confident, well-delimited masks rank first."""
     return (probs * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
+
+
+def query_instances(class_scores: Tensor, maps: Tensor, padded_hw: Sequence[int], valid_hw: Sequence[int],
+                    orig_hw: Sequence[int], max_per_image: int, mask_threshold: float, maps_are_logits: bool,
+                    quality_score: bool) -> dict[str, Tensor]:
+    """One image's instances from its queries' class scores and mask maps (the last stage of K-Net or
+    Mask2Former): top-k over queries x classes (no NMS), masks at the original image size thresholded at
+    `mask_threshold`, and with `quality_score` each score times its mask's quality (`mask_quality`), re-sorted.
+
+    class_scores: (N, K) probabilities (K-Net: sigmoid; Mask2Former: softmax without the no-object column);
+    maps: (N, h', w') mask probabilities, or logits when `maps_are_logits` (the sigmoid then follows the
+    resizing, Mask2Former's order; K-Net resizes probabilities). Returns dict(scores (k,), labels (k,) long,
+    masks (k, h0, w0) bool, boxes (k, 4) xyxy exclusive x2/y2), k = min(max_per_image, N * K), sorted by
+    decreasing score.
+    """
+    num_classes = class_scores.shape[-1]
+    k = min(max_per_image, class_scores.numel())
+    scores, idx = class_scores.flatten().topk(k)
+    labels, query = idx % num_classes, idx // num_classes
+    probs, inverse = maps_at_image_size(maps, query, padded_hw, valid_hw, orig_hw)
+    if maps_are_logits:
+        probs = probs.sigmoid()
+    masks = probs > mask_threshold  # one per distinct query
+    order = torch.arange(k, device=scores.device)
+    if quality_score:
+        scores, order = (scores * mask_quality(probs, masks)[inverse]).sort(descending=True)
+    chosen = inverse[order]
+    return dict(scores=scores, labels=labels[order], masks=masks[chosen], boxes=mask_boxes(masks)[chosen])

@@ -10,9 +10,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli_common import (DEFAULT_BACKBONE, Backbone, BackboneWeights, BatchSize, DecodeImages, Device,
-                                 ImageSize, MaxSize, Method, Nms, Workers, app, backbone_weights_path, fail,
+from pipeline.cli_common import (DEFAULT_BACKBONE_WEIGHTS, Backbone, BackboneWeights, BatchSize, DecodeImages,
+                                 Device, ImageSize, MaxSize, Method, Nms, Workers, app, backbone_weights_path, fail,
                                  resolve_device, store_app)
+from stages.gen_masks import GenerationSettings, RunOptions
+
+# The options' defaults are the stage's (docs/defaults.md): `sp gen-masks` and `sp store import-coco` with no
+# options make the store that GenerationSettings() and RunOptions() describe.
+GEN, RUN = GenerationSettings(), RunOptions()
+SAL, REF = GEN.saliency, GEN.refine
 
 
 class Refine(str, Enum):
@@ -25,59 +31,69 @@ class Refine(str, Enum):
 def gen_masks(
     images_dir: Annotated[Path, typer.Argument(help="Folder of unlabeled images (searched recursively).")],
     store: Annotated[Path, typer.Option(help="Output store (a .zarr directory). Rerun the same command to resume.")],
-    method: Annotated[Method, typer.Option(help="saliency (the paper) or random boxes (Table 7 baseline).")] = Method.saliency,
-    backbone: Backbone = DEFAULT_BACKBONE,
-    backbone_weights: BackboneWeights = "imagenet",
-    image_size: ImageSize = 800,
-    max_size: MaxSize = 1333,
-    batch_size: BatchSize = 8,
-    workers: Workers = 2,
+    method: Annotated[Method, typer.Option(help="saliency (the paper) or random boxes (Table 7 "
+                                           "baseline).")] = Method(GEN.method),
+    backbone: Backbone = GEN.backbone,
+    backbone_weights: BackboneWeights = DEFAULT_BACKBONE_WEIGHTS,
+    image_size: ImageSize = GEN.image_size,
+    max_size: MaxSize = GEN.max_size,
+    batch_size: BatchSize = RUN.batch_size,
+    workers: Workers = RUN.workers,
     device: Device = "auto",
     shard: Annotated[Optional[str], typer.Option(help="I/N: process the I-th of N contiguous parts into "
                                                  "STORE_STEM.partI-of-N.zarr; join them with `sp store merge`.")] = None,
     image_list: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="Only the images this text "
                                                        "file lists, one path relative to IMAGES_DIR per line (# "
                                                        "comments), e.g. to pool several folders under one root.")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first K images (sorted by path).")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first K images (sorted by path).")] = RUN.limit,
     commit_every: Annotated[int, typer.Option(min=1, help="Commit to the store every N images; a crash "
-                                              "loses at most the last N, redone on rerun.")] = 32,
-    seed_pools: Annotated[str, typer.Option(help="Seed scales: C5 average-pooled by these factors.")] = "1,2,4",
-    threshold: Annotated[float, typer.Option(help="Binarisation threshold of the normalised similarity map.")] = 0.5,
-    min_cells: Annotated[int, typer.Option(help="Drop candidates covering fewer C5 cells.")] = 2,
-    nms: Annotated[Nms, typer.Option(help="matrix (SOLOv2, Gaussian) or greedy (hard IoU NMS).")] = Nms.matrix,
-    matrix_sigma: Annotated[float, typer.Option(help="Gaussian sigma of Matrix NMS.")] = 2.0,
-    iou_threshold: Annotated[float, typer.Option(help="IoU threshold of greedy NMS.")] = 0.5,
-    max_masks: Annotated[int, typer.Option(help="Masks kept per image after NMS, before the filters.")] = 20,
-    min_score: Annotated[float, typer.Option(help="Drop masks whose score after NMS is lower.")] = 0.7,
-    max_width_frac: Annotated[float, typer.Option(help="Drop masks whose box is at least this fraction of the image width.")] = 0.95,
-    min_center_y_frac: Annotated[float, typer.Option(help="Drop masks centred above this fraction of the image height.")] = 0.2,
-    mask_threshold: Annotated[float, typer.Option(help="Threshold of the soft map upsampled to image size.")] = 0.5,
+                                              "loses at most the last N, redone on rerun.")] = RUN.commit_images,
+    seed_pools: Annotated[str, typer.Option(help="Seed scales: C5 average-pooled by these factors.")] = ",".join(
+        str(pool) for pool in SAL.seed_pools),
+    threshold: Annotated[float, typer.Option(help="Binarisation threshold of the normalised similarity "
+                                             "map.")] = SAL.threshold,
+    min_cells: Annotated[int, typer.Option(help="Drop candidates covering fewer C5 cells.")] = SAL.min_cells,
+    nms: Annotated[Nms, typer.Option(help="matrix (SOLOv2, Gaussian) or greedy (hard IoU NMS).")] = Nms(SAL.nms),
+    matrix_sigma: Annotated[float, typer.Option(help="Gaussian sigma of Matrix NMS.")] = SAL.matrix_sigma,
+    iou_threshold: Annotated[float, typer.Option(help="IoU threshold of greedy NMS.")] = SAL.iou_threshold,
+    max_masks: Annotated[int, typer.Option(help="Masks kept per image after NMS, before the filters.")] = SAL.max_masks,
+    min_score: Annotated[float, typer.Option(help="Drop masks whose score after NMS is lower.")] = SAL.min_score,
+    max_width_frac: Annotated[float, typer.Option(help="Drop masks whose box is at least this fraction of the image "
+                                                  "width.")] = SAL.max_width_frac,
+    min_center_y_frac: Annotated[float, typer.Option(help="Drop masks centred above this fraction of the image "
+                                                     "height.")] = SAL.min_center_y_frac,
+    mask_threshold: Annotated[float, typer.Option(help="Threshold of the soft map upsampled to image "
+                                                  "size.")] = GEN.mask_threshold,
     refine: Annotated[Refine, typer.Option(help="Refine each kept soft map with the image before thresholding it "
-                                           "(saliency only): superpixel (default) gives every Felzenszwalb segment "
-                                           "of the image the map's mean inside it, so masks follow colour edges; "
-                                           "guided filters the map with the image as guide (fast guided filter); "
-                                           "none is the paper's generator (bilinear upsampling of the C5 map). "
-                                           "Measured in bench/README.md.")] = Refine.superpixel,
+                                           "(saliency only): none is the paper's generator (bilinear upsampling "
+                                           "of the C5 map), whose masks gave the better fine-tuned model "
+                                           "(experiments/README.md, Penn-Fudan, the paper's claims); superpixel "
+                                           "gives every Felzenszwalb segment of the image the map's mean inside "
+                                           "it, so masks follow colour edges (about 5x the pseudo masks' AP, "
+                                           "bench/README.md); guided filters the map with the image as guide "
+                                           "(fast guided filter).")] = Refine(REF.method),
     refine_downsample: Annotated[int, typer.Option(min=1, help="--refine superpixel: segment the backbone input "
-                                                   "shrunk by this factor; guided: the filter's subsampling.")] = 2,
+                                                   "shrunk by this factor; guided: the filter's "
+                                                   "subsampling.")] = REF.downsample,
     superpixel_scale: Annotated[float, typer.Option(help="--refine superpixel: Felzenszwalb's scale (larger: "
-                                                    "larger segments).")] = 400.0,
+                                                    "larger segments).")] = REF.scale,
     superpixel_sigma: Annotated[float, typer.Option(help="--refine superpixel: Gaussian smoothing before "
-                                                    "segmenting, in pixels of the shrunk image.")] = 0.5,
+                                                    "segmenting, in pixels of the shrunk image.")] = REF.sigma,
     superpixel_min_size: Annotated[int, typer.Option(min=1, help="--refine superpixel: smallest segment, in pixels "
-                                                     "of the shrunk image.")] = 100,
+                                                     "of the shrunk image.")] = REF.min_size,
     guided_radius: Annotated[int, typer.Option(min=1, help="--refine guided: window radius, in pixels of the "
-                                               "backbone input.")] = 64,
+                                               "backbone input.")] = REF.radius,
     guided_eps: Annotated[float, typer.Option(help="--refine guided: regulariser of the local colour variance "
-                                              "(colours in [0, 1]; smaller keeps more edges).")] = 0.01,
-    random_boxes: Annotated[int, typer.Option(help="--method random: boxes per image.")] = 20,
-    random_seed: Annotated[int, typer.Option(help="--method random: seed of the boxes.")] = 0,
-    init_seed: Annotated[int, typer.Option(help="Seed of the random backbone when no weights are given.")] = 0,
+                                              "(colours in [0, 1]; smaller keeps more edges).")] = REF.eps,
+    random_boxes: Annotated[int, typer.Option(help="--method random: boxes per image.")] = GEN.random_boxes,
+    random_seed: Annotated[int, typer.Option(help="--method random: seed of the boxes.")] = GEN.random_seed,
+    init_seed: Annotated[int, typer.Option(help="Seed of the random backbone when no weights are "
+                                           "given.")] = GEN.init_seed,
 ):
     """Stage 1: pseudo masks from seed-convolution saliency, written to a resumable Zarr store."""
     from models.mask_refinement import RefineConfig
     from models.saliency import SaliencyConfig
-    from stages.gen_masks import GenerationSettings, RunOptions, generate, parse_shard
+    from stages.gen_masks import generate, parse_shard
     from stages.image_data import read_image_list
     from store.export import format_summary, store_summary
 
@@ -165,12 +181,12 @@ def store_import_coco(
                                         "annotations) of external pseudo labels (FreeSOLO, CutLER, ...) or ground truth.")],
     images: Annotated[Path, typer.Option(help="Folder holding the images named in the JSON.")],
     store: Annotated[Path, typer.Option(help="Output store (.zarr).")],
-    backbone: Backbone = DEFAULT_BACKBONE,
-    backbone_weights: BackboneWeights = "imagenet",
-    image_size: ImageSize = 800,
-    max_size: MaxSize = 1333,
-    batch_size: BatchSize = 8,
-    workers: Workers = 2,
+    backbone: Backbone = GEN.backbone,
+    backbone_weights: BackboneWeights = DEFAULT_BACKBONE_WEIGHTS,
+    image_size: ImageSize = GEN.image_size,
+    max_size: MaxSize = GEN.max_size,
+    batch_size: BatchSize = RUN.batch_size,
+    workers: Workers = RUN.workers,
     device: Device = "auto",
     shard: Annotated[Optional[str], typer.Option(help="I/N: import the I-th of N contiguous parts of the JSON's "
                                                  "images into STORE_STEM.partI-of-N.zarr; join them with `sp store "
@@ -181,7 +197,7 @@ def store_import_coco(
     decode_images: DecodeImages = False,
 ):
     """Turn external pseudo labels into a store; seed features are pooled from the backbone inside each mask."""
-    from stages.gen_masks import RunOptions, parse_shard
+    from stages.gen_masks import parse_shard
     from stages.import_coco import import_coco
     from store.export import format_summary, store_summary
 

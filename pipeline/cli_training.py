@@ -8,15 +8,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli_common import (DEFAULT_BACKBONE, Backbone, BackboneWeights, BatchSize, DecodeImages, Device,
+from models.build import model_kind
+from pipeline.cli_common import (DEFAULT_BACKBONE_WEIGHTS, Backbone, BackboneWeights, BatchSize, DecodeImages, Device,
                                  FinetuneCheckpoint, ImageSize, MaxSize, Overwrite, SkipBad, Workers, app,
-                                 backbone_weights_path, fail, resolve_device)
+                                 backbone_weights_path, fail, resolve_device, settings_defaults)
+from stages.finetune import FinetuneConfig
+from stages.pretrain import MASKRCNN_DEFAULTS, QUERY_MODEL_DEFAULTS, PretrainConfig
+
+# The options' defaults are the stages' (docs/defaults.md): `sp pretrain` and `sp finetune` with only their paths
+# run with the PretrainConfig and FinetuneConfig defaults.
+PRE, FT = settings_defaults(PretrainConfig), settings_defaults(FinetuneConfig)
 
 
-class QueryModelName(str, Enum):
+class Model(str, Enum):
     knet = "knet"
     mask2former = "mask2former"
     queryinst = "queryinst"
+    maskrcnn = "maskrcnn"
 
 
 class Prompt(str, Enum):
@@ -32,72 +40,106 @@ def pretrain_cmd(
     images: Annotated[Path, typer.Option(help="The images folder the store was generated from.")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints (last.pth, epoch_NNN.pth, final.pth), "
                                       "metrics.jsonl, TensorBoard logs when tensorboard is installed.")],
-    model: Annotated[QueryModelName, typer.Option(help="Query-based model: knet, mask2former or "
-                                                  "queryinst.")] = QueryModelName.knet,
-    small: Annotated[bool, typer.Option(help="CPU-sized heads (64 channels, 16 queries, fewer layers) for smoke "
-                                        "runs and the demo; the backbone is still --backbone.")] = False,
-    backbone: Backbone = DEFAULT_BACKBONE,
-    backbone_weights: BackboneWeights = "imagenet",
+    model: Annotated[Model, typer.Option(help="A query-based model (knet, mask2former, queryinst), pre-trained with "
+                                         "Saliency Prompts; or maskrcnn (torchvision), pre-trained on the pseudo "
+                                         "masks as one class-agnostic class with CutLER's DropLoss, without prompts "
+                                         "(docs/maskrcnn_pretraining.md).")] = Model(model_kind(PRE.model)),
+    small: Annotated[bool, typer.Option(help="CPU-sized heads (query models: 64 channels, 16 queries, fewer layers; "
+                                        "Mask R-CNN: few proposals) for smoke runs and the demo; the backbone is "
+                                        "still --backbone.")] = False,  # PRE.model is the full-size config
+    backbone: Backbone = PRE.model.backbone,
+    backbone_weights: BackboneWeights = DEFAULT_BACKBONE_WEIGHTS,
     num_queries: Annotated[Optional[int], typer.Option("--num-queries", "--num-kernels", help="Number of queries "
-                                                       "(K-Net: kernels) N (default 100; 16 with --small).")] = None,
-    freeze_backbone: Annotated[bool, typer.Option(help="Freeze the whole backbone, as the authors did.")] = True,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 12,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step and process.")] = 2,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 1000,
-    lr_steps: Annotated[list[int], typer.Option(help="Epochs at which the lr is multiplied by 0.1 (repeat the option).")] = [8, 11],
-    clip_norm: Annotated[float, typer.Option(help="Gradient clipping max-norm.")] = 1.0,
-    prompt: Annotated[Prompt, typer.Option(help="Prompt-kernel assignment: cosine (the paper), sequential, "
-                                           "random, or none (pseudo masks only).")] = Prompt.cosine,
-    prompt_drop: Annotated[float, typer.Option(help="Probability of dropping each kernel's prompt.")] = 0.1,
-    kernel_loss_weight: Annotated[float, typer.Option(help="Weight of kernel supervision (Eq. 9); 0 disables it.")] = 1.0,
-    image_size: ImageSize = 800,
-    max_size: MaxSize = 1333,
-    flip_prob: Annotated[float, typer.Option(help="Horizontal flip probability.")] = 0.5,
-    workers: Workers = 2,
+                                                       "(K-Net: kernels) N (default 100; 16 with --small); query "
+                                                       "models only.")] = None,
+    freeze_backbone: Annotated[bool, typer.Option(help="Freeze the whole backbone, as the paper's authors "
+                                                  "did (CutLER trains Mask R-CNN's whole backbone: "
+                                                  "--no-freeze-backbone).")] = PRE.model.frozen_stages == 4,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = PRE.epochs,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step and process.")] = PRE.batch_size,
+    lr: Annotated[Optional[float], typer.Option(help=f"Learning rate (default: {QUERY_MODEL_DEFAULTS['lr']:g} AdamW "
+                                                f"for query models, {MASKRCNN_DEFAULTS['lr']:g} SGD with momentum 0.9 "
+                                                "for Mask R-CNN).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default: "
+                                                          f"{QUERY_MODEL_DEFAULTS['weight_decay']:g} for query models, "
+                                                          f"{MASKRCNN_DEFAULTS['weight_decay']:g} for Mask R-CNN, "
+                                                          "CutLER's).")] = None,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = PRE.schedule.warmup_steps,
+    lr_steps: Annotated[list[int], typer.Option(help="Epochs at which the lr is multiplied by 0.1 (repeat the "
+                                                "option).")] = list(PRE.schedule.lr_steps),
+    clip_norm: Annotated[float, typer.Option(help="Gradient clipping max-norm.")] = PRE.clip_norm,
+    prompt: Annotated[Optional[Prompt], typer.Option(help="Prompt-kernel assignment: cosine (the paper), sequential, "
+                                                     "random, or none (pseudo masks only); default "
+                                                     f"{QUERY_MODEL_DEFAULTS['prompt'].mode} for query models. Mask "
+                                                     "R-CNN has no queries: none only.")] = None,
+    prompt_drop: Annotated[Optional[float], typer.Option(help="Probability of dropping each kernel's prompt (default "
+                                                         f"{QUERY_MODEL_DEFAULTS['prompt'].drop_prob:g}); query "
+                                                         "models only.")] = None,
+    kernel_loss_weight: Annotated[Optional[float], typer.Option(help="Weight of kernel supervision (Eq. 9; default "
+                                                                f"{QUERY_MODEL_DEFAULTS['kernel_loss_weight']:g} for "
+                                                                "query models); 0 disables it, and is the only value "
+                                                                "Mask R-CNN takes.")] = None,
+    drop_loss: Annotated[Optional[bool], typer.Option("--drop-loss/--no-drop-loss", help="Mask R-CNN only (default "
+                                                      "on): CutLER's DropLoss, no background loss for a sampled "
+                                                      "region whose predicted box overlaps no pseudo box, so that "
+                                                      "objects the pseudo masks missed are not taught as "
+                                                      "background.")] = None,
+    drop_loss_iou: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Mask R-CNN only: DropLoss's IoU "
+                                                           "threshold; a region overlapping no pseudo box by more "
+                                                           "is left out (default "
+                                                           f"{MASKRCNN_DEFAULTS['drop_loss_iou']:g}, CutLER's)."
+                                                           )] = None,
+    image_size: ImageSize = PRE.image_size,
+    max_size: MaxSize = PRE.max_size,
+    flip_prob: Annotated[float, typer.Option(help="Horizontal flip probability.")] = PRE.flip_prob,
+    workers: Workers = PRE.workers,
     device: Device = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of initialisation, data order, flips and prompt dropout.")] = 0,
-    log_every: Annotated[int, typer.Option(help="Steps between metrics records.")] = 10,
-    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: per epoch only).")] = 0,
-    keep_every: Annotated[int, typer.Option(help="Keep epoch_NNN.pth every N epochs (0: last.pth and final.pth only).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, data order, flips and prompt dropout.")] = PRE.seed,
+    log_every: Annotated[int, typer.Option(help="Steps between metrics records.")] = PRE.log_every,
+    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: per epoch "
+                                                  "only).")] = PRE.checkpoint_every,
+    keep_every: Annotated[int, typer.Option(help="Keep epoch_NNN.pth every N epochs (0: last.pth and final.pth "
+                                            "only).")] = PRE.keep_every,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth exactly where it stopped (a run with "
-                                         "other settings is refused).")] = False,
-    overwrite: Overwrite = False,
+                                         "other settings is refused).")] = PRE.resume,
+    overwrite: Overwrite = PRE.overwrite,
 ):
     """Stage 2a: pre-train a query-based model on the pseudo-label store with Saliency Prompts and kernel
-    supervision. Multi-GPU: `torchrun --nproc_per_node N -m pipeline.cli pretrain ...`."""
+    supervision, or Mask R-CNN on its pseudo masks with DropLoss. Multi-GPU: `torchrun --nproc_per_node N -m
+    pipeline.cli pretrain ...`."""
     from models.build import query_model_config
+    from models.maskrcnn import MaskRCNNConfig
     from models.saliency_prompt import PromptConfig
-    from stages.pretrain import PretrainConfig, pretrain
+    from stages.pretrain import pretrain
     from stages.training import Schedule
 
+    prompt_fields = {k: v for k, v in (("mode", prompt and prompt.value), ("drop_prob", prompt_drop)) if v is not None}
     try:
-        model_config = query_model_config(model.value, small=small, backbone=backbone, num_queries=num_queries,
-                                          num_classes=1, frozen_stages=4 if freeze_backbone else 1)
+        if model == Model.maskrcnn:
+            if num_queries is not None:
+                raise ValueError(f"--num-queries {num_queries}: Mask R-CNN has no queries (query models only)")
+            model_config = (MaskRCNNConfig.small if small else MaskRCNNConfig)(
+                backbone=backbone, num_classes=1, min_size=image_size, max_size=max_size,
+                frozen_stages=4 if freeze_backbone else 1)
+        else:
+            model_config = query_model_config(model.value, small=small, backbone=backbone, num_queries=num_queries,
+                                              num_classes=1, frozen_stages=4 if freeze_backbone else 1)
+        cfg = PretrainConfig(
+            store=store, images=images, out=out, model=model_config,
+            backbone_weights=backbone_weights_path(backbone, backbone_weights), epochs=epochs,
+            batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            schedule=Schedule(warmup_steps=warmup_steps, lr_steps=tuple(lr_steps)), clip_norm=clip_norm,
+            prompt=PromptConfig(**prompt_fields) if prompt_fields else None, kernel_loss_weight=kernel_loss_weight,
+            drop_loss=drop_loss, drop_loss_iou=drop_loss_iou, image_size=image_size, max_size=max_size,
+            flip_prob=flip_prob, workers=workers, device=resolve_device(device), seed=seed, log_every=log_every,
+            checkpoint_every=checkpoint_every, keep_every=keep_every, resume=resume, overwrite=overwrite)
     except ValueError as e:
         fail(str(e))
-    cfg = PretrainConfig(
-        store=store, images=images, out=out, model=model_config,
-        backbone_weights=backbone_weights_path(backbone, backbone_weights), epochs=epochs,
-        batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        schedule=Schedule(warmup_steps=warmup_steps, lr_steps=tuple(lr_steps)), clip_norm=clip_norm,
-        prompt=PromptConfig(mode=prompt.value, drop_prob=prompt_drop), kernel_loss_weight=kernel_loss_weight,
-        image_size=image_size, max_size=max_size, flip_prob=flip_prob, workers=workers,
-        device=resolve_device(device), seed=seed, log_every=log_every, checkpoint_every=checkpoint_every,
-        keep_every=keep_every, resume=resume, overwrite=overwrite)
     try:
         final = pretrain(cfg)
     except (ValueError, OSError, FloatingPointError) as e:
         fail(str(e))
     typer.echo(f"wrote {final}")
-
-
-class Model(str, Enum):
-    knet = "knet"
-    mask2former = "mask2former"
-    queryinst = "queryinst"
-    maskrcnn = "maskrcnn"
 
 
 @app.command("finetune")
@@ -109,58 +151,69 @@ def finetune_cmd(
     out: Annotated[Path, typer.Option(help="Run folder: last/best/final.pth, metrics.jsonl, curve.png, and eval.json "
                                       "(the last epoch's AP, as `sp evaluate --out` writes it).")],
     model: Annotated[Model, typer.Option(help="knet, mask2former, queryinst, or maskrcnn (torchvision, the CNN "
-                                         "baseline).")] = Model.knet,
+                                         "baseline).")] = Model(FT.model),
     small: Annotated[bool, typer.Option(help="CPU-sized heads (query models: 64 channels, 16 queries; Mask R-CNN: "
                                         "few proposals) for smoke runs and the demo; the backbone is still "
-                                        "--backbone.")] = False,
-    backbone: Backbone = DEFAULT_BACKBONE,
+                                        "--backbone.")] = FT.small,
+    backbone: Backbone = FT.backbone,
     init: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="A `sp pretrain` checkpoint of "
                                                  "the same --model: backbone, neck and heads are loaded, the "
-                                                 "classifier is rebuilt for these categories, prompt modules are "
-                                                 "dropped.")] = None,
-    backbone_weights: BackboneWeights = "imagenet",
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (the paper: 48 on COCO 10 %).")] = 48,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step and process.")] = 2,
+                                                 "class-specific layers (classifier; Mask R-CNN: box and mask "
+                                                 "predictors) are rebuilt for these categories where their number "
+                                                 "differs, prompt modules are dropped.")] = FT.init,
+    backbone_weights: BackboneWeights = DEFAULT_BACKBONE_WEIGHTS,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (the paper: 48 on COCO 10 %).")] = FT.epochs,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step and process.")] = FT.batch_size,
     repeat: Annotated[int, typer.Option(min=1, help="Each epoch passes over the labeled images this many times (each "
                                         "pass with its own flips and rotations), as the reference's RepeatDataset: "
-                                        "label budgets of different sizes then share one schedule in steps.")] = 1,
+                                        "label budgets of different sizes then share one schedule in "
+                                        "steps.")] = FT.repeat,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 1e-4 AdamW for query models, 0.02 SGD "
-                                                "for Mask R-CNN).")] = None,
+                                                "for Mask R-CNN).")] = FT.lr,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default 0.05 query models, 1e-4 "
-                                                          "Mask R-CNN).")] = None,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
-    lr_steps: Annotated[list[int], typer.Option(help="Epochs at which the lr is multiplied by 0.1 (repeat the option).")] = [36, 44],
-    clip_norm: Annotated[float, typer.Option(help="Gradient clipping max-norm.")] = 4.0,
-    flip_prob: Annotated[float, typer.Option(help="Horizontal flip probability.")] = 0.5,
-    rotate: Annotated[float, typer.Option(help="Random rotation up to this many degrees on half of the images (§4.1: 9).")] = 0.0,
-    image_size: ImageSize = 800,
-    max_size: MaxSize = 1333,
+                                                          "Mask R-CNN).")] = FT.weight_decay,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = FT.schedule.warmup_steps,
+    lr_steps: Annotated[list[int], typer.Option(help="Epochs at which the lr is multiplied by 0.1 (repeat the "
+                                                "option).")] = list(FT.schedule.lr_steps),
+    clip_norm: Annotated[float, typer.Option(help="Gradient clipping max-norm.")] = FT.clip_norm,
+    flip_prob: Annotated[float, typer.Option(help="Horizontal flip probability.")] = FT.flip_prob,
+    rotate: Annotated[float, typer.Option(help="Random rotation up to this many degrees on half of the images "
+                                          "(§4.1: 9).")] = FT.rotate_deg,
+    image_size: ImageSize = FT.image_size,
+    max_size: MaxSize = FT.max_size,
     mask_threshold: Annotated[Optional[float], typer.Option(help="Query models' test-time mask threshold (default: "
                                                             "the model's: K-Net 0.3, as its authors on COCO and "
                                                             "chosen so on held-apart photos here; Mask2Former and "
-                                                            "QueryInst 0.5).")] = None,
-    max_per_image: Annotated[int, typer.Option(help="Detections kept per image (top-k over queries x classes).")] = 100,
-    eval_every: Annotated[int, typer.Option(min=1, help="Evaluate on the validation set every N epochs.")] = 1,
+                                                            "QueryInst 0.5).")] = FT.mask_threshold,
+    max_per_image: Annotated[int, typer.Option(help="Detections kept per image (top-k over queries x "
+                                               "classes).")] = FT.max_per_image,
+    eval_every: Annotated[int, typer.Option(min=1, help="Evaluate on the validation set every N "
+                                            "epochs.")] = FT.eval_every,
     eval_at: Annotated[Optional[list[int]], typer.Option(help="Evaluate after these epochs (repeat the option) "
-                                                         "and the last, instead of every --eval-every.")] = None,
-    workers: Workers = 2,
+                                                         "and the last, instead of every "
+                                                         "--eval-every.")] = list(FT.eval_at) or None,
+    workers: Workers = FT.workers,
     device: Device = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and augmentation.")] = 0,
-    log_every: Annotated[int, typer.Option(help="Steps between metrics records.")] = 10,
-    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: per epoch only).")] = 0,
-    keep_every: Annotated[int, typer.Option(help="Keep epoch_NNN.pth every N epochs (0: last, best and final only).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and augmentation.")] = FT.seed,
+    log_every: Annotated[int, typer.Option(help="Steps between metrics records.")] = FT.log_every,
+    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: per epoch "
+                                                  "only).")] = FT.checkpoint_every,
+    keep_every: Annotated[int, typer.Option(help="Keep epoch_NNN.pth every N epochs (0: last, best and final "
+                                            "only).")] = FT.keep_every,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth exactly where it stopped (a run with "
-                                         "other settings is refused).")] = False,
-    overwrite: Overwrite = False,
+                                         "other settings is refused); an evaluation the run was stopped in is "
+                                         "done again, the last one too (eval.json).")] = FT.resume,
+    overwrite: Overwrite = FT.overwrite,
     frozen_stages: Annotated[int, typer.Option(min=0, max=4, help="Backbone stem + this many of its four stages "
-                                               "frozen (the paper: 1; 4: the whole backbone).")] = 1,
+                                               "frozen (the paper: 1; 4: the whole backbone).")] = FT.frozen_stages,
     class_agnostic: Annotated[bool, typer.Option(help="Merge all categories into one ('fg') for training and "
-                                                 "evaluation: the localisation and shape prior alone.")] = False,
-    skip_bad: SkipBad = False,
-    decode_images: DecodeImages = False,
+                                                 "evaluation: the localisation and shape prior "
+                                                 "alone.")] = FT.class_agnostic,
+    skip_bad: SkipBad = FT.skip_bad,
+    decode_images: DecodeImages = FT.decode_images,
 ):
     """Stage 2b: fine-tune on a small labeled set, with mask and box AP on the validation set every epoch."""
-    from stages.finetune import FinetuneConfig, finetune
+    from stages.finetune import finetune
     from stages.training import Schedule
 
     cfg = FinetuneConfig(
@@ -214,7 +267,7 @@ def evaluate_cmd(
     from stages.coco_check import EVALUATION, load_checked_coco, same_categories, write_skipped
     from stages.coco_data import one_class
     from stages.evaluate import format_ap_table
-    from stages.finetune import evaluate_model
+    from stages.finetune import evaluate_model, evaluation_record
     from stages.inference import load_checkpoint_model
 
     try:
@@ -234,7 +287,7 @@ def evaluate_cmd(
         fail(str(e))
     typer.echo(format_ap_table(metrics))
     if out is not None:
-        out.write_text(json.dumps(metrics, indent=2))
+        out.write_text(json.dumps(evaluation_record(metrics, state), indent=2))
         out.with_suffix(".results.json").write_text(json.dumps(results))
         write_skipped({"ann": checked.skipped}, out.with_suffix(".skipped.json"))
 
@@ -281,11 +334,21 @@ def table_cmd(
     decimals: Annotated[int, typer.Option(min=0, max=4, help="Digits after the point of every number (AP in "
                                           "percent); 2 where AP is below 1 %, as with a few hundred labels on CPU.")] = 1,
     include: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="OUT.json of an earlier `sp "
-                                                    "table` (e.g. a committed results file): its rows are kept where "
-                                                    "this call has no evaluation files of the same name, so runs no "
-                                                    "longer on disk stay in the table.")] = None,
+                                                    "table` (e.g. a committed results file): its seeds are kept, but "
+                                                    "for those whose evaluation file this call reads again (the "
+                                                    "same path, however spelled), so runs no longer on disk stay in "
+                                                    "the table; so is its pseudo-mask quality, unless "
+                                                    "--pseudo-masks gives new.")] = None,
     rows: Annotated[str, typer.Option(help="Comma-separated rows of the table, in order (default: the --names, "
                                       "then the rows of --include).")] = "",
+    replace_fileless: Annotated[bool, typer.Option(help="A row given evaluation files here drops the seeds that "
+                                                   "--include recorded without a file (tables from before records "
+                                                   "named their file, which cannot be matched); without it such "
+                                                   "a row is an error.")] = False,
+    allow_mixed: Annotated[bool, typer.Option(help="Average seeds that ran different code versions (by the hash "
+                                              "of the package's source; runs from before versions were recorded "
+                                              "count as one unknown version) instead of refusing the row; the "
+                                              "table then has a 'versions' column, OUT.json lists them.")] = False,
 ):
     """Mask and box AP tables of several evaluated runs, printed and written as markdown and JSON."""
     from stages.report import write_table
@@ -298,7 +361,8 @@ def table_cmd(
         quality[name] = Path(path)
     try:
         typer.echo(write_table(eval_files or [], [n for n in names.split(",") if n], out, metrics or [],
-                               tuple(early_epochs or ()), quality, decimals, include, [r for r in rows.split(",") if r]))
+                               tuple(early_epochs or ()), quality, decimals, include, [r for r in rows.split(",") if r],
+                               replace_fileless, allow_mixed))
     except (ValueError, OSError, KeyError) as e:
         fail(str(e))
 

@@ -1,6 +1,6 @@
-"""Stage 2b, `sp finetune`: a query-based model (K-Net, Mask2Former; optionally from a `sp pretrain` checkpoint
-of the same model) or the torchvision Mask R-CNN baseline on a small labeled COCO set, evaluated every
-`eval_every` epochs (paper §4.1, Figures 3-4).
+"""Stage 2b, `sp finetune`: a query-based model (K-Net, Mask2Former, QueryInst) or the torchvision Mask R-CNN
+baseline, optionally from a `sp pretrain` checkpoint of the same model, on a small labeled COCO set, evaluated
+every `eval_every` epochs (paper §4.1, Figures 3-4).
 
 Writes into the run folder: last.pth / final.pth (epoch_NNN.pth with keep_every), best.pth (highest mask AP on --val-ann:
 report on another split, or report last.pth), metrics.jsonl with the AP curve, and curve.png.
@@ -23,7 +23,9 @@ from models.maskrcnn import MaskRCNNConfig, build_maskrcnn_adapter, maskrcnn_opt
 from stages.plots import line_chart
 from stages.coco_check import EVALUATION, TRAINING, checked_data, load_checked_coco, same_categories, write_skipped
 from stages.coco_data import CocoInstances, one_class
+from stages.code_version import code_version
 from stages.evaluate import coco_evaluate, predictions_to_results
+from stages.gen_masks import GenerationSettings
 from stages.inference import predict_images, unnormalise_batch
 from stages.pseudo_label_data import collate_training
 from stages.training import (LoopConfig, Schedule, config_dict, forward_losses, init_distributed, link_checkpoint,
@@ -42,8 +44,8 @@ class FinetuneConfig(LoopConfig):
     val_images: Path
     model: str = "knet"  # a query model of models.build.QUERY_MODELS (knet, mask2former, ...) or "maskrcnn"
     small: bool = False  # CPU-sized heads for smoke runs and the demo (the backbone is `backbone`)
-    backbone: str = "efficientnet_lite0"
-    init: Path | None = None  # a `sp pretrain` checkpoint of the same model (query models only)
+    backbone: str = GenerationSettings.backbone  # the pseudo masks' (a pre-trained model was built on it)
+    init: Path | None = None  # a `sp pretrain` checkpoint of the same model
     backbone_weights: Path | None = None
     epochs: int = 48
     repeat: int = 1  # passes over the labeled images per epoch (the reference's RepeatDataset)
@@ -80,10 +82,11 @@ def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     return {"loaded": loaded, "reinitialised": reinitialised, "ignored": ignored}
 
 
-# Model settings that may differ between pre-training and fine-tuning (classes, freezing, test-time and loss
-# settings); any other difference is another architecture, whose tensors would silently stay random.
+# Model settings that may differ between pre-training and fine-tuning (classes, freezing, image size, test-time
+# and loss settings); any other difference is another architecture, whose tensors would silently stay random.
 FREE_MODEL_SETTINGS = {"num_classes", "frozen_stages", "norm_eval", "mask_threshold_test", "max_per_image",
-                       "mask_quality_score", "num_points", "oversample_ratio", "importance_sample_ratio"}
+                       "mask_quality_score", "num_points", "oversample_ratio", "importance_sample_ratio",
+                       "min_size", "max_size", "mask_threshold"}  # the last three: Mask R-CNN's
 
 
 def load_pretrained(model: nn.Module, path: Path, kind: str) -> dict[str, list[str]]:
@@ -114,13 +117,12 @@ def load_pretrained(model: nn.Module, path: Path, kind: str) -> dict[str, list[s
 def build(cfg: FinetuneConfig, num_classes: int):
     """(model, model_config dict, optimizer) for cfg.model."""
     if cfg.model == "maskrcnn":
-        if cfg.init is not None:
-            raise ValueError("--init loads a query model's pre-training checkpoint; "
-                             "use --backbone-weights for Mask R-CNN")
         mc = (MaskRCNNConfig.small if cfg.small else MaskRCNNConfig)(
             backbone=cfg.backbone, num_classes=num_classes, min_size=cfg.image_size, max_size=cfg.max_size,
             frozen_stages=cfg.frozen_stages)
         model = build_maskrcnn_adapter(mc, cfg.backbone_weights)
+        if cfg.init is not None:
+            load_pretrained(model, cfg.init, cfg.model)
         optimizer = maskrcnn_optimizer(model, lr=cfg.lr or 0.02,
                                        weight_decay=1e-4 if cfg.weight_decay is None else cfg.weight_decay)
         return model, mc, optimizer
@@ -138,16 +140,23 @@ def build(cfg: FinetuneConfig, num_classes: int):
     return model, mc, optimizer
 
 
+def maskrcnn_losses(model: nn.Module, batch: dict, device: str) -> dict[str, torch.Tensor]:
+    """Mask R-CNN's losses on a `collate_training` batch (labeled photos or pseudo masks): the images as 0-1 RGB
+    crops of their valid region (it normalises and resizes them itself), each object's full-resolution mask,
+    box and label. `model`: a MaskRCNNAdapter, or one wrapped in DistributedDataParallel."""
+    images = unnormalise_batch(batch["images"].to(device), batch["image_hw"])
+    targets = [{"masks": t["full_masks"][:, :h, :w].to(device), "boxes": t["boxes"].to(device),
+                "labels": t["labels"].to(device)} for t, (h, w) in zip(batch["targets"], batch["image_hw"])]
+    return model(images, targets)
+
+
 def loss_function(model: nn.Module, kind: str, device: str):
     def query_model_loss(batch, step):
         targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
         return forward_losses(model, batch["images"].to(device), targets, device)[1]
 
     def maskrcnn_loss(batch, step):
-        images = unnormalise_batch(batch["images"].to(device), batch["image_hw"])
-        targets = [{"masks": t["full_masks"][:, :h, :w].to(device), "labels": t["labels"].to(device)}
-                   for t, (h, w) in zip(batch["targets"], batch["image_hw"])]
-        return model.loss(images, targets)
+        return maskrcnn_losses(model, batch, device)
 
     return maskrcnn_loss if kind == "maskrcnn" else query_model_loss
 
@@ -176,6 +185,13 @@ def evaluate_model(model: nn.Module, kind: str, ann: Path | dict, images: Path, 
         # RLE at once: the full-size masks of a whole evaluation set would not fit in memory
         results += predictions_to_results([prediction], [images_sorted[index]["id"]], category_ids)
     return coco_evaluate(data, results), results
+
+
+def evaluation_record(metrics: dict, checkpoint: dict) -> dict:
+    """What `sp finetune` writes to eval.json and `sp evaluate --out` to its file: the metrics, the code version
+    the checkpoint was trained with ('code_version'; None for checkpoints from before it was recorded) and the
+    one evaluating it ('eval_code_version'), so that `sp table` knows which code a seed ran from the file alone."""
+    return {**metrics, "code_version": checkpoint.get("code_version"), "eval_code_version": code_version()}
 
 
 def finetune(cfg: FinetuneConfig) -> Path:
@@ -213,8 +229,9 @@ def finetune(cfg: FinetuneConfig) -> Path:
             best["AP"] = record["segm_AP"]
             link_checkpoint(cfg.out / "last.pth", cfg.out / "best.pth")
         plot_curve(cfg.out)
-        if epoch == cfg.epochs:  # the run's result, as `sp evaluate --out` writes it
-            (cfg.out / "eval.json").write_text(json.dumps(metrics, indent=2))
+        if epoch == cfg.epochs:  # the run's result, as `sp evaluate --out` writes it (last.pth: maybe another process's)
+            trained = read_checkpoint(cfg.out / "last.pth", "--resume", mmap=True)
+            (cfg.out / "eval.json").write_text(json.dumps(evaluation_record(metrics, trained), indent=2))
         return record
 
     return train_loop(cfg, dist, {"model": model}, optimizer, dataset, collate_training,

@@ -1,9 +1,12 @@
 """Stage 1, `sp gen-masks`: images → backbone C5 → pseudo masks → pseudo-label store.
 
-The GPU (or CPU) only runs the backbone and the batched saliency step; decoding happens in DataLoader
-workers and RLE encoding plus store writes in a writer thread, so the stage is bound by the backbone.
-The same loop serves every proposal method (saliency, random boxes, imported masks): a method is a
-function from a batch's C5 features to per-image masks.
+The device loop only runs the backbone and the batched steps of the proposal method (saliency, NMS, the
+refinement on its working grid); decoding, resizing and the image-only part of the refinement (superpixels)
+happen in DataLoader workers, and the per-image work at the original size (upsampling, thresholding, filters,
+the copy to the CPU), RLE encoding and store writes in a writer thread, so the stage is bound by the backbone.
+The same loop serves every proposal method (saliency, random boxes, imported masks): a method takes a batch's
+C5 features, runs its batched device steps, and returns a function that makes the per-image masks, which the
+writer thread calls.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import queue
 import threading
 import zlib
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -21,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.backbone import build_backbone, unnormalise
+from models.backbone import build_backbone
 from models.backbone_weights import file_sha256
-from models.mask_refinement import RefineConfig
-from models.saliency import SaliencyConfig, image_masks, mask_boxes, select_candidates
+from models.mask_refinement import RefineConfig, superpixels
+from models.saliency import SaliencyConfig, image_masks, kept_maps, mask_boxes, select_candidates
 from stages.image_data import Batch, ImageFolder, batch_loader, list_images
 from store import rle
 from store.pseudo_label_store import DONE, SKIPPED, ImageResult, PseudoLabelStore
@@ -38,7 +42,9 @@ class GenerationSettings:
     """Everything that changes the masks. Its hash names the store (see `settings_hash`)."""
 
     method: str = "saliency"
-    backbone: str = "resnet50"
+    # ImageNet weights that install with the project (no ResNet weights ship); also the default backbone of every
+    # model (PretrainConfig, FinetuneConfig), since the stored seed features come from it
+    backbone: str = "efficientnet_lite0"
     backbone_weights_sha256: str | None = None  # None: random init from torch.manual_seed(init_seed)
     init_seed: int = 0
     image_size: int = 800  # short side of the backbone input
@@ -100,20 +106,30 @@ def shard_range(num_images: int, shard: tuple[int, int] | None, batch_size: int)
     return range(min(index * per_shard, num_images), min((index + 1) * per_shard, num_images))
 
 
-# ---- proposal methods: (C5 features, batch) → masks, boxes, scores, seeds per image ------------------------
+# ---- proposal methods: (C5 features, batch) → a function giving masks, boxes, scores, seeds per image -------
 Proposal = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # masks, box, score, seed, feature
+Finish = Callable[[], list[Proposal]]  # a batch's per-image work at the original size, run in the writer thread
 
 
-def saliency_proposals(c5: torch.Tensor, batch: Batch, settings: GenerationSettings) -> list[Proposal]:
+def saliency_proposals(c5: torch.Tensor, batch: Batch, settings: GenerationSettings) -> Finish:
+    """Candidates, NMS and the refinement on the working grid, batched on the device; the masks at the original
+    size (upsampling, threshold, filters) are made per image by the returned function."""
     cand = select_candidates(c5, batch.grid_valid(c5.shape[-2:]).to(c5.device), settings.saliency)
-    out = []
     refine = settings.refine
-    for b in range(len(batch.index)):
-        guide = None if refine.method == "none" else unnormalise(batch.images[b], *batch.resized_hw[b]).to(c5.device)
-        keep, masks, boxes = image_masks(cand, b, batch.grid_hw[b], batch.resized_hw[b], batch.image_hw[b],
-                                         settings.saliency, settings.mask_threshold, refine=refine, guide=guide)
-        out.append((masks, boxes, cand.score[b, keep], cand.seed[b, keep], cand.seed_feature[b, keep]))
-    return out
+    slots, maps = kept_maps(cand, batch.grid_hw, batch.resized_hw, settings.saliency, refine, batch.images,
+                            batch.segments)
+    refined = refine.method != "none"
+
+    def masks_at_image_size() -> list[Proposal]:
+        out = []
+        for b, (kept, soft) in enumerate(zip(slots, maps)):
+            keep, masks, boxes = image_masks(soft, batch.grid_hw[b], batch.resized_hw[b], batch.image_hw[b],
+                                             settings.saliency, settings.mask_threshold, refined)
+            slot = kept[keep]
+            out.append((masks, boxes, cand.score[b, slot], cand.seed[b, slot], cand.seed_feature[b, slot]))
+        return out
+
+    return masks_at_image_size
 
 
 def pooled_features(c5: torch.Tensor, index: int, masks: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -129,31 +145,42 @@ def pooled_features(c5: torch.Tensor, index: int, masks: torch.Tensor, batch: Ba
     return F.normalize(pooled, dim=1)
 
 
-def random_proposals(c5: torch.Tensor, batch: Batch, settings: GenerationSettings) -> list[Proposal]:
+def random_proposals(c5: torch.Tensor, batch: Batch, settings: GenerationSettings) -> Finish:
     """UP-DETR-style random boxes (the paper's Table 7 baseline), seeded per file name so that shards and
-    resumed runs draw the same boxes."""
-    out = []
-    for b, name in enumerate(batch.file_name):
-        height, width = batch.image_hw[b]
-        rng = np.random.default_rng([settings.random_seed, zlib.crc32(name.encode())])
-        size = rng.uniform(0.1, 0.6, (settings.random_boxes, 2)) * (width, height)
-        corner = rng.uniform(0, 1, (settings.random_boxes, 2)) * ((width, height) - size)
-        xyxy = np.round(np.concatenate([corner, corner + size], 1)).astype(int)
-        masks = torch.zeros(len(xyxy), height, width, dtype=torch.bool, device=c5.device)
-        for k, (x1, y1, x2, y2) in enumerate(xyxy):
-            masks[k, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)] = True
-        score = torch.as_tensor(rng.uniform(0, 1, len(xyxy)), dtype=torch.float32, device=c5.device)
-        seed = torch.tensor([[-1, -1, 0]] * len(xyxy), device=c5.device)
-        out.append((masks, mask_boxes(masks), score, seed, pooled_features(c5, b, masks, batch)))
-    return out
+    resumed runs draw the same boxes. All of it is per-image work at the original size (the returned function)."""
+
+    def boxes() -> list[Proposal]:
+        out = []
+        for b, name in enumerate(batch.file_name):
+            height, width = batch.image_hw[b]
+            rng = np.random.default_rng([settings.random_seed, zlib.crc32(name.encode())])
+            size = rng.uniform(0.1, 0.6, (settings.random_boxes, 2)) * (width, height)
+            corner = rng.uniform(0, 1, (settings.random_boxes, 2)) * ((width, height) - size)
+            xyxy = np.round(np.concatenate([corner, corner + size], 1)).astype(int)
+            masks = torch.zeros(len(xyxy), height, width, dtype=torch.bool, device=c5.device)
+            for k, (x1, y1, x2, y2) in enumerate(xyxy):
+                masks[k, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)] = True
+            score = torch.as_tensor(rng.uniform(0, 1, len(xyxy)), dtype=torch.float32, device=c5.device)
+            seed = torch.tensor([[-1, -1, 0]] * len(xyxy), device=c5.device)
+            out.append((masks, mask_boxes(masks), score, seed, pooled_features(c5, b, masks, batch)))
+        return out
+
+    return boxes
 
 
 PROPOSERS: dict[str, Callable] = {"saliency": saliency_proposals, "random": random_proposals}
 
 
 # ---- the run loop -------------------------------------------------------------------------------------------
+def image_folder(images_dir: Path, names: list[str], settings: GenerationSettings, first_index: int = 0) -> ImageFolder:
+    """Stage 1's dataset: decoding and resizing and, with `--refine superpixel`, the superpixels, which depend
+    on the image alone and so are made in the DataLoader workers too."""
+    segment = partial(superpixels, cfg=settings.refine) if settings.refine.method == "superpixel" else None
+    return ImageFolder(images_dir, names, settings.image_size, settings.max_size, first_index, segment)
+
+
 def to_results(batch: Batch, proposals: list[Proposal]) -> list[ImageResult]:
-    """Device tensors → numpy results in plan order (RLE is encoded later, in the writer thread)."""
+    """Device tensors → numpy results in plan order (in the writer thread, which encodes the RLE next)."""
     results = [ImageResult(index=i, status=SKIPPED, reason=reason) for i, _, reason in batch.failed]
     for b, (masks, box, score, seed, feature) in enumerate(proposals):
         height, width = batch.image_hw[b]
@@ -166,7 +193,8 @@ def to_results(batch: Batch, proposals: list[Proposal]) -> list[ImageResult]:
 
 
 class StoreWriter(threading.Thread):
-    """Encodes RLE and appends results to the store off the critical path; errors surface in `put`.
+    """Finishes each batch off the device loop: runs its per-image work (the proposal method's `Finish`), copies
+    the results to the CPU, encodes RLE and appends them to the store; errors surface in `put`.
 
     Results are committed in groups of at least `commit_images` images: each commit rewrites the open chunk
     of every array, so committing every small batch would cost more than the work it protects."""
@@ -181,29 +209,34 @@ class StoreWriter(threading.Thread):
     def run(self):
         pending: list[ImageResult] = []
         while True:
-            results = self.queue.get()
+            item = self.queue.get()  # (batch, finish), or None after the last batch
             if self.error is not None:
-                if results is None:
+                if item is None:
                     return
                 continue
             try:
-                for r in results or []:
-                    if r.status == DONE:
-                        r.rle = rle.encode_batch(r.rle)
-                pending += results or []
-                if pending and (results is None or len(pending) >= self.commit_images):
+                if item is not None:
+                    batch, finish = item
+                    with torch.inference_mode():
+                        results = to_results(batch, finish() if finish else [])
+                    for r in results:
+                        if r.status == DONE:
+                            r.rle = rle.encode_batch(r.rle)
+                    pending += results
+                if pending and (item is None or len(pending) >= self.commit_images):
                     self.store.append(pending)
                     self.on_written(pending)
                     pending = []
             except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                 self.error = e
-            if results is None:
+            if item is None:
                 return
 
-    def put(self, results):
+    def put(self, batch: Batch, finish: Finish | None):
+        """Queue a batch and its per-image work (None: every image of the batch failed to load)."""
         if self.error is not None:
             raise self.error
-        self.queue.put(results)
+        self.queue.put((batch, finish))
 
     def close(self):
         self.queue.put(None)
@@ -219,7 +252,7 @@ def generate(images_dir: Path, store_path: Path, settings: GenerationSettings, o
     """Run stage 1 (or resume it) and return the finished store (a part store with --shard).
 
     file_names: the images to process, relative to images_dir (default: every image in the folder).
-    proposer: the proposal method (default: PROPOSERS[settings.method]).
+    proposer: the proposal method (default: PROPOSERS[settings.method]): (C5, batch, settings) → `Finish`.
     backbone: an already built C5 backbone to reuse (it must be the one `settings` and `backbone_weights`
     describe); by default it is built here.
     """
@@ -250,7 +283,7 @@ def generate(images_dir: Path, store_path: Path, settings: GenerationSettings, o
         log.warning("resuming at image %d, not a multiple of --batch-size %d: the batches differ from the "
                     "first run's", start, options.batch_size)
     propose = proposer or PROPOSERS[settings.method]
-    dataset = ImageFolder(images_dir, names[start:], settings.image_size, settings.max_size, first_index=start)
+    dataset = image_folder(images_dir, names[start:], settings, first_index=start)
     bar = tqdm(total=len(names), initial=start, unit="img", desc=f"gen-masks {store_path.name}")
     stats = {"masks": 0, "skipped": 0}
 
@@ -265,13 +298,13 @@ def generate(images_dir: Path, store_path: Path, settings: GenerationSettings, o
     try:
         with torch.inference_mode():
             for batch in batch_loader(dataset, options.batch_size, options.workers):
-                proposals = []
+                finish = None
                 if batch.index:  # not every image of the batch failed to load
-                    c5 = backbone(batch.images.to(options.device, non_blocking=True))["c5"]
-                    proposals = propose(c5, batch, settings)
+                    batch = batch.to(options.device)
+                    finish = propose(backbone(batch.images)["c5"], batch, settings)
                 for _, name, reason in batch.failed:
                     log.warning("skipped %s: %s", name, reason)
-                writer.put(to_results(batch, proposals))
+                writer.put(batch, finish)
     finally:
         writer.close()
         bar.close()

@@ -7,8 +7,9 @@ every batch carries each image's valid region so that padding can be masked out 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -93,24 +94,33 @@ def resize_masks(masks: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor
 
 
 class ImageFolder(Dataset):
-    """Item k: dict(index, file_name, image (3, Hr, Wr) float or None, image_hw, reason)."""
+    """Item k: dict(index, file_name, image (3, Hr, Wr) float or None, image_hw, reason, segments).
 
-    def __init__(self, root: Path, file_names: list[str], image_size: int, max_size: int, first_index: int = 0):
+    segment: CPU work that depends on the image alone, run here (in the DataLoader workers) rather than between
+    device steps: a function of the network input (e.g. `models.mask_refinement.superpixels`) whose result is
+    the item's `segments` (None without it)."""
+
+    def __init__(self, root: Path, file_names: list[str], image_size: int, max_size: int, first_index: int = 0,
+                 segment: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.root, self.file_names = Path(root), list(file_names)
         self.image_size, self.max_size, self.first_index = image_size, max_size, first_index
+        self.segment = segment
 
     def __len__(self):
         return len(self.file_names)
 
     def __getitem__(self, k: int) -> dict:
         name = self.file_names[k]
-        item = {"index": self.first_index + k, "file_name": name, "image": None, "image_hw": (0, 0), "reason": ""}
+        item = {"index": self.first_index + k, "file_name": name, "image": None, "image_hw": (0, 0), "reason": "",
+                "segments": None}
         try:
             im = load_image(self.root / name)
         except Exception as e:  # noqa: BLE001 - any decoder failure means: skip this image, say why
             item["reason"] = f"{type(e).__name__}: {e}"
             return item
-        item.update(image=network_input(im, self.image_size, self.max_size), image_hw=(im.height, im.width))
+        image = network_input(im, self.image_size, self.max_size)
+        segments = None if self.segment is None else self.segment(image)
+        item.update(image=image, image_hw=(im.height, im.width), segments=segments)
         return item
 
 
@@ -119,7 +129,8 @@ class Batch:
     """Loaded images of one batch (padded) and the ones that failed.
 
     images: (B, 3, Hp, Wp) or None; index, file_name, image_hw (original), resized_hw, grid_hw (valid C5
-    cells) per loaded image; failed: (index, file_name, reason) per image that could not be read.
+    cells) per loaded image; failed: (index, file_name, reason) per image that could not be read; segments:
+    per loaded image its `ImageFolder.segment` result (unpadded), or None.
     """
 
     images: torch.Tensor | None
@@ -129,6 +140,13 @@ class Batch:
     resized_hw: list[tuple[int, int]]
     grid_hw: list[tuple[int, int]]
     failed: list[tuple[int, str, str]]
+    segments: list[torch.Tensor] | None = None
+
+    def to(self, device) -> Batch:
+        """The batch with its images and segments on `device`."""
+        return replace(self, images=self.images.to(device, non_blocking=True),
+                       segments=None if self.segments is None else [s.to(device, non_blocking=True)
+                                                                for s in self.segments])
 
     def grid_valid(self, grid_shape) -> torch.Tensor:
         """(B, h, w) bool: the C5 cells that cover each image."""
@@ -151,7 +169,8 @@ def collate(items: list[dict]) -> Batch:
             images[b, :, : resized[b][0], : resized[b][1]] = it["image"]
     return Batch(images=images, index=[it["index"] for it in ok], file_name=[it["file_name"] for it in ok],
                  image_hw=[it["image_hw"] for it in ok], resized_hw=resized,
-                 grid_hw=[(math.ceil(h / STRIDE), math.ceil(w / STRIDE)) for h, w in resized], failed=failed)
+                 grid_hw=[(math.ceil(h / STRIDE), math.ceil(w / STRIDE)) for h, w in resized], failed=failed,
+                 segments=[it["segments"] for it in ok] if ok and ok[0]["segments"] is not None else None)
 
 
 def batch_loader(dataset: ImageFolder, batch_size: int, workers: int) -> DataLoader:

@@ -46,20 +46,23 @@ def import_coco(ann_path: Path, images_dir: Path, store_path: Path, backbone: st
     records = {img["file_name"]: img for img in checked.data["images"]}
 
     def propose(c5: torch.Tensor, batch: Batch, settings: GenerationSettings):
-        out = []
-        for b, name in enumerate(batch.file_name):
-            img = records[name]
-            height, width = batch.image_hw[b]
-            if (img["height"], img["width"]) != (height, width):
-                raise ValueError(f"{name}: the JSON says {img['height']}x{img['width']}, the file is "
-                                 f"{height}x{width}")
-            anns = per_image.get(img["id"], [])
-            masks = torch.from_numpy(np.stack([annotation_mask(a, height, width) for a in anns])
-                                     if anns else np.zeros((0, height, width), np.uint8)).bool().to(c5.device)
-            score = torch.tensor([float(a.get("score", 1.0)) for a in anns], device=c5.device)
-            seed = torch.tensor([[-1, -1, 0]] * len(anns), device=c5.device).view(-1, 3)
-            out.append((masks, mask_boxes(masks), score, seed, pooled_features(c5, b, masks, batch)))
-        return out
+        def masks_and_features():  # per-image work at the original size: run in the writer thread
+            out = []
+            for b, name in enumerate(batch.file_name):
+                img = records[name]
+                height, width = batch.image_hw[b]
+                if (img["height"], img["width"]) != (height, width):
+                    raise ValueError(f"{name}: the JSON says {img['height']}x{img['width']}, the file is "
+                                     f"{height}x{width}")
+                anns = per_image.get(img["id"], [])
+                masks = torch.from_numpy(np.stack([annotation_mask(a, height, width) for a in anns])
+                                         if anns else np.zeros((0, height, width), np.uint8)).bool().to(c5.device)
+                score = torch.tensor([float(a.get("score", 1.0)) for a in anns], device=c5.device)
+                seed = torch.tensor([[-1, -1, 0]] * len(anns), device=c5.device).view(-1, 3)
+                out.append((masks, mask_boxes(masks), score, seed, pooled_features(c5, b, masks, batch)))
+            return out
+
+        return masks_and_features
 
     settings = GenerationSettings(method="import", backbone=backbone, image_size=image_size, max_size=max_size,
                                   source_sha256=file_sha256(ann_path))

@@ -248,6 +248,16 @@ class MetricsLog:
         keep = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
+    def has_epoch_end(self, epoch: int, step: int) -> bool:
+        """Whether the log holds the record of the end of `epoch` (what `on_epoch_end` returned, e.g. its
+        evaluation), the epoch having ended at `step`: a record of that step and epoch that is no event (start,
+        resume) and no training record (those carry the epoch being trained, one less). False where this
+        process does not log."""
+        if not self.enabled or not self.path.exists():
+            return False
+        records = (json.loads(line) for line in self.path.read_text().splitlines() if line.strip())
+        return any(r.get("step") == step and r.get("epoch") == epoch and "event" not in r for r in records)
+
 
 
 class EpochSampler(Sampler):
@@ -302,7 +312,14 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
     `keep_every` epochs) and exact resume from `last.pth`. Returns the path of `final.pth`.
 
     modules: saved and restored by name; loss_fn(batch, step) → named losses; on_epoch_end(epoch) → metrics
-    to log (e.g. evaluation); manual_sync: modules outside DDP whose gradients are averaged by hand.
+    to log (e.g. evaluation), {} when there is nothing to log; manual_sync: modules outside DDP whose gradients
+    are averaged by hand.
+
+    An epoch's checkpoint is saved before its on_epoch_end (an evaluation may link it as best.pth). A run
+    stopped in between (killed during the evaluation) calls on_epoch_end for that epoch again on resume, before
+    it trains on, when the log has no record of it: the learning curve has no hole and the last epoch's
+    evaluation is not skipped. on_epoch_end must therefore bear being called again for an epoch whose call
+    logged nothing (processes other than the main one, which keeps no log, always call it again).
     """
     loop.out.mkdir(parents=True, exist_ok=True)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -328,6 +345,11 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
     # pause (stages/report.run_minutes) and a table does not average seeds of different code unawares
     metrics.write({"step": step, "epoch": epoch, "event": "resume" if step else "start", "code_version": code_version()})
 
+    def end_epoch(epoch_: int) -> None:
+        record = on_epoch_end(epoch_) if on_epoch_end is not None else {}
+        if record:
+            metrics.write({"step": step, "epoch": epoch_, **record})
+
     def checkpoint(epoch_: int, batch_in_epoch: int):
         if not dist.main:
             return
@@ -338,6 +360,9 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
         if batch_in_epoch == 0 and loop.keep_every and epoch_ % loop.keep_every == 0:
             link_checkpoint(last, loop.out / f"epoch_{epoch_:03d}.pth")
 
+    if on_epoch_end is not None and epoch > 0 and start_batch == 0 and not metrics.has_epoch_end(epoch, step):
+        log.info("the run stopped after the checkpoint of epoch %d, before its end was logged: ending it now", epoch)
+        end_epoch(epoch)
     per_epoch = sampler.batches_per_epoch()
     bar = tqdm(total=loop.epochs * per_epoch, initial=step, unit="step", desc=f"{loop.out.parent.name}/{loop.out.name}",
                disable=not dist.main)
@@ -381,10 +406,7 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
             metrics.write({"step": step, "epoch": epoch, "dropped_targets": dropped})
         epoch, start_batch = epoch + 1, 0
         checkpoint(epoch, 0)
-        if on_epoch_end is not None:
-            record = on_epoch_end(epoch)
-            if record:
-                metrics.write({"step": step, "epoch": epoch, **record})
+        end_epoch(epoch)
     bar.close()
     final = loop.out / "final.pth"
     if dist.main:

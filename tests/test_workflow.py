@@ -65,20 +65,21 @@ def job_counts(output: str) -> dict[str, int]:
 
 STAGE1 = {"demo_data": 1, "gen_masks_shard": 2, "merge_store": 1}  # stage 1 reads no labels
 TRAINING = {**STAGE1, "check_labels": 1, "pretrain_run": 1, "finetune_run": 2}
+BOTH_STORES = {"gen_masks_shard": 4, "merge_store": 2, "store_quality": 2}  # + the random backbone's, only scored
 
 
 @pytest.mark.parametrize("target, expected", [
-    ("gen_masks", STAGE1),
+    ("gen_masks", {**STAGE1, **BOTH_STORES, "store_quality": 0}),
     ("pretrain", {**STAGE1, "pretrain_run": 1}),
     ("finetune", TRAINING),
     ("evaluate", TRAINING),  # a fine-tuning run evaluates its last epoch itself (eval.json)
-    ("all", {**TRAINING, "store_quality": 1, "results_table": 1}),
-    ("demo", {**TRAINING, "store_quality": 1, "results_table": 1}),
+    ("all", {**TRAINING, **BOTH_STORES, "results_table": 1}),
+    ("demo", {**TRAINING, **BOTH_STORES, "results_table": 1}),
 ])
 def test_dry_run_builds_the_expected_dag(tmp_path, target, expected):
     counts = job_counts(snakemake(tmp_path, target))
     counts.pop(target, None)  # the target rule itself
-    assert counts == expected
+    assert counts == {rule: n for rule, n in expected.items() if n}
 
 
 def test_the_low_data_experiment_has_every_row_and_seed(tmp_path):
@@ -177,6 +178,24 @@ def test_pretraining_runs_take_a_model(tmp_path):
     assert out.count("--model mask2former") == 3  # one pre-training, two fine-tuning runs
 
 
+def test_mask_rcnn_pretraining_runs_take_droploss_and_no_prompts(tmp_path):
+    """model: maskrcnn pre-trains without prompts (--prompt none --kernel-loss-weight 0) and with DropLoss on, off
+    or at its own IoU; a query model's prompt or a DropLoss key on K-Net is an error naming the run."""
+    config = {"pretrain_runs": [{"name": "drop", "store": "saliency", "model": "maskrcnn"},
+                                {"name": "plain", "store": "saliency", "model": "maskrcnn", "drop_loss": False},
+                                {"name": "iou", "store": "saliency", "model": "maskrcnn", "drop_loss_iou": 0.1}],
+              "finetune_runs": [{"name": f"m_{p}", "model": "maskrcnn", "init": p} for p in ("drop", "plain", "iou")]}
+    commands = [line for line in snakemake(tmp_path, "finetune", "-p", config=config).splitlines()
+                if " pretrain --store" in line]
+    assert len(commands) == 3 and all("--model maskrcnn" in c and "--prompt none --kernel-loss-weight 0" in c
+                                      for c in commands)
+    assert sum("--no-drop-loss" in c for c in commands) == 1 and sum("--drop-loss-iou 0.1" in c for c in commands) == 1
+    for entry, message in [({"name": "p", "model": "maskrcnn", "prompt": "cosine"}, "takes no prompt"),
+                           ({"name": "p", "drop_loss": False}, "are Mask R-CNN's settings")]:
+        with pytest.raises(AssertionError, match=message):
+            snakemake(tmp_path, "all", config={"pretrain_runs": [entry], "finetune_runs": []})
+
+
 def test_a_shared_cache_per_store_images_repeat_and_a_split_per_seed(tmp_path):
     """cache: stores and pre-trainings live there (another experiment naming it reuses them); a store may read its
     own images without ground truth; `repeat` reaches sp finetune; with split_per_seed each fine-tuning seed
@@ -186,16 +205,17 @@ def test_a_shared_cache_per_store_images_repeat_and_a_split_per_seed(tmp_path):
                                            {"name": "more", "unlabeled_images": "elsewhere",
                                             "unlabeled_list": "more.txt", "unlabeled_gt": ""}],
               "pretrain_runs": [{"name": "sp", "store": "saliency"}, {"name": "sp_more", "store": "more"}],
-              "finetune_runs": [{"name": "r", "model": "knet", "init": "sp_more", "percent": 25, "repeat": 4}],
+              "finetune_runs": [{"name": "r", "model": "knet", "init": "sp_more", "percent": 25, "repeat": 4},
+                                {"name": "r0", "model": "knet", "init": "sp"}],
               "seeds": [0, 1], "pretrain_seeds": [0], "split_per_seed": True, "finetune_rotate": 9}
     out = snakemake(tmp_path, "all", "-p", config=config)
     counts = job_counts(out)
     assert counts["merge_store"] == 2 and counts["store_quality"] == 1  # only the store with a ground truth
-    assert counts["split_labels"] == 2 and counts["finetune_run"] == 2
+    assert counts["split_labels"] == 2 and counts["finetune_run"] == 4
     assert "sp gen-masks elsewhere --store shared/stores/" in out and "--image-list more.txt" in out
     assert "--images elsewhere --out shared/pretrain/" in out  # pre-training reads the store's images
     assert "train.1@25_labeled.json" in out and "train.2@25_labeled.json" in out  # seeds 0, 1: splits 1, 2
-    assert out.count("--repeat 4") == 2 and out.count("--rotate 9") == 2
+    assert out.count("--repeat 4") == 2 and out.count("--rotate 9") == 4
     assert "results/stores" not in out and "results/pretrain" not in out
 
 
@@ -242,14 +262,59 @@ def test_demo_runs_to_completion_then_does_nothing_and_reuses_the_store(tmp_path
     out = snakemake(tmp_path, "demo", config=TINY, dry=False)
     table = (tmp_path / "results" / "results.md").read_text()
     assert "| knet_sp | 1 |" in table and "| knet_scratch | 1 |" in table and "| saliency |" in table
+    assert "| random_backbone |" in table  # the pseudo masks of random weights, scored beside the real ones
     assert "knet_sp" in out  # the table is printed at the end of the run
     assert job_counts(snakemake(tmp_path, "demo", config=TINY)) == {}  # a second run has nothing to do
     stores = sorted(p.name for p in (tmp_path / "results" / "stores").glob("*.zarr"))
-    assert len(stores) == 1
+    assert len(stores) == 2
     # a training setting changes: pre-training and what follows rerun, the masks do not
     counts = job_counts(snakemake(tmp_path, "demo", config={**TINY, "pretrain_epochs": 2}))
     assert "gen_masks_shard" not in counts and "merge_store" not in counts and counts["pretrain_run"] == 1
     assert counts["finetune_run"] == 1  # only the run initialised from pre-training
     # a generation setting changes: a new store
     counts = job_counts(snakemake(tmp_path, "demo", config={**TINY, "gen_masks": {**TINY["gen_masks"], "image_size": 160}}))
-    assert counts["gen_masks_shard"] == 2 and counts["merge_store"] == 1
+    assert counts["gen_masks_shard"] == 4 and counts["merge_store"] == 2  # both stores
+
+
+def user_config_commands(tmp_path, name: str) -> list[str]:
+    """The shell commands of `snakemake -n -p all --configfile config/NAME.yaml`, as a user runs it (the file over
+    config/config.yaml), with empty placeholder files at the label paths it names."""
+    config = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
+    for key in ("train_ann", "val_ann"):
+        (tmp_path / config[key]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / config[key]).write_text("{}")
+    out = snakemake(tmp_path, "all", "-p", config=config, defaults=False)
+    return [line.removeprefix("Shell command: ") for line in out.splitlines() if line.startswith("Shell command:")]
+
+
+def test_the_paper_config_runs_the_papers_pipeline_and_nothing_of_the_demo(tmp_path):
+    commands = user_config_commands(tmp_path, "paper_coco")
+    assert not [c for c in commands if "demo" in c or "superpixel" in c or "--small" in c or "class-agnostic" in c]
+    gen = [c for c in commands if "sp gen-masks" in c]
+    assert len(gen) == 32 and all(
+        "sp gen-masks data/coco/unlabeled2017 " in c and "--backbone resnet50 --backbone-weights "
+        "data/weights/densecl_r50_imagenet_200ep.pth --image-size 800 --max-size 1333" in c and "--refine none" in c
+        and "--device cuda" in c for c in gen)
+    assert not [c for c in commands if "eval-masks" in c]  # unlabeled2017 has no labels to score the masks with
+    pretrain = [c for c in commands if " pretrain --store" in c]
+    assert len(pretrain) == 1 and "torchrun --standalone --nproc_per_node 8 -m pipeline.cli pretrain" in pretrain[0]
+    assert ("--epochs 12 --batch-size 12 --lr-steps 8 --lr-steps 11 --warmup-steps 1000 --image-size 800 "
+            "--max-size 1333 --prompt cosine --kernel-loss-weight 1.0" in pretrain[0])
+    finetune = [c for c in commands if " finetune --train-ann" in c]
+    assert len(finetune) == 6 and all("--epochs 48 " in c and "--lr-steps 36 --lr-steps 44" in c and
+                                      "--eval-at 12 --eval-at 24 --eval-at 36" in c and "--rotate 9" in c and
+                                      "--val-ann data/coco/annotations/instances_val2017.json" in c for c in finetune)
+    splits = [c for c in commands if c.startswith("sp split")]
+    assert sorted(c.split("--percent ")[1].split()[0] for c in splits) == ["10", "5"]
+    assert sum("--init results/paper_coco/pretrain/" in c for c in finetune) == 2
+    assert sum("--model maskrcnn" in c and "--lr 0.02" in c for c in finetune) == 2
+
+
+def test_the_own_data_template_reads_only_the_users_paths(tmp_path):
+    commands = user_config_commands(tmp_path, "own_data")
+    assert commands and not [c for c in commands if "demo" in c]
+    assert [c for c in commands if "sp gen-masks data/unlabeled " in c and "--refine none" in c]
+    assert [c for c in commands if "sp check-labels data/labeled.json --images data/labeled" in c]
+    finetune = [c for c in commands if c.startswith("OMP_NUM_THREADS=1 sp finetune")]
+    assert len(finetune) == 9 and all("--train-ann data/labeled.json --train-images data/labeled --val-ann "
+                                      "data/val.json --val-images data/val" in c for c in finetune)

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from models.mask_refinement import RefineConfig, refine_maps
-from models.saliency import Candidates, SaliencyConfig, image_masks
+from models.mask_refinement import RefineConfig, refine_maps, segment_means, superpixels
+from models.saliency import Candidates, SaliencyConfig, image_masks, kept_maps
+from stages.image_data import MEAN, STD
 
 SIZE = 256  # image side: an 8 x 8 grid of C5 cells
 SQUARE = (slice(88, 184), slice(72, 168))  # a sharp-edged object, not aligned with the 32-pixel cells
@@ -30,27 +31,63 @@ def iou(a, b):
     return ((a & b).sum() / (a | b).sum()).item()
 
 
+def blob_mask(photo, method):
+    """The blob's final mask as stage 1 makes it, the photo being the network input (the superpixels made
+    from it as the DataLoader workers make them)."""
+    cfg, refine, hw = SaliencyConfig(min_score=0.5), RefineConfig(method=method), (SIZE, SIZE)
+    image = (photo - MEAN) / STD
+    segments = [superpixels(image, refine)] if method == "superpixel" else None
+    _, (soft,) = kept_maps(blob_candidates(), [(8, 8)], [hw], cfg, refine, image[None], segments)
+    _, (mask,), _ = image_masks(soft, (8, 8), hw, hw, cfg, refined=method != "none")
+    return mask
+
+
 @pytest.mark.parametrize("method", ["superpixel", "guided"])
 def test_refinement_moves_a_blob_onto_the_square_under_it(method):
     photo, truth = square_scene()
-    cfg = SaliencyConfig(min_score=0.5)
-    hw = (SIZE, SIZE)
-    _, (plain,), _ = image_masks(blob_candidates(), 0, (8, 8), hw, hw, cfg)
-    _, (refined,), _ = image_masks(blob_candidates(), 0, (8, 8), hw, hw, cfg, refine=RefineConfig(method=method),
-                                   guide=photo)
+    plain, refined = blob_mask(photo, "none"), blob_mask(photo, method)
     assert iou(plain, truth) < 0.8  # the unrefined blob is a poor mask of the square
     assert iou(refined, truth) > iou(plain, truth) + 0.1
     if method == "superpixel":
         assert iou(refined, truth) > 0.95  # the square is one segment: the mask is the square
 
 
-def test_refined_maps_have_the_original_size_and_survive_an_empty_set():
+@pytest.mark.parametrize("method", ["superpixel", "guided"])
+def test_an_image_with_no_kept_map_beside_one_with_maps_and_masks_at_the_original_size(method):
+    """In one batch, an image with three kept maps and one with none: each keeps its count on its working grid,
+    and the masks come out at the original size, not the resized one."""
     photo, _ = square_scene()
-    cfg = RefineConfig(method="superpixel")
-    maps = torch.rand(3, *cfg.work_size((SIZE, SIZE)))
-    assert cfg.work_size((SIZE, SIZE)) == (SIZE // 2, SIZE // 2)
-    assert refine_maps(maps, photo, (300, 310), cfg).shape == (3, 300, 310)  # original size, not the resized one
-    assert refine_maps(maps[:0], photo, (300, 310), cfg).shape == (0, 300, 310)
+    cfg = RefineConfig(method=method)
+    work = cfg.work_size((SIZE, SIZE))
+    assert work == ((SIZE // 2, SIZE // 2) if method == "superpixel" else (SIZE, SIZE))
+    image = (photo - MEAN) / STD
+    segments = [superpixels(image, cfg)] * 2 if method == "superpixel" else None
+    maps = [torch.rand(3, *work), torch.rand(0, *work)]
+    refined = refine_maps(maps, cfg, torch.stack([image, image]), [(SIZE, SIZE)] * 2, segments)
+    assert [m.shape for m in refined] == [m.shape for m in maps] and not torch.equal(refined[0], maps[0])
+    keep_all = SaliencyConfig(min_center_y_frac=0.0, max_width_frac=1.01)
+    for soft in refined:
+        _, masks, _ = image_masks(soft, (8, 8), (SIZE, SIZE), (300, 310), keep_all, mask_threshold=0.0, refined=True)
+        assert masks.shape == (len(soft), 300, 310)
+
+
+def test_segment_means_equal_a_per_segment_loop_and_each_image_alone():
+    """The batched segment mean (one index_add over every map of every image, one image without maps) equals
+    the mean of each map over each segment taken one image, map and segment at a time, and it equals each
+    image done alone exactly (so batching never changes a store)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 20, 30), (0, 12, 9), (5, 17, 17)]
+    maps = [torch.rand(*shape, generator=g) for shape in shapes]
+    # labels 0..n-1, every one used, as `superpixels` gives them
+    segments = [torch.unique(torch.randint(0, 7, shape[1:], generator=g), return_inverse=True)[1] for shape in shapes]
+    batched = segment_means(maps, segments)
+    for m, seg, out in zip(maps, segments, batched):
+        expected = torch.empty_like(m)
+        for k in range(len(m)):
+            for label in seg.unique():
+                expected[k][seg == label] = m[k][seg == label].mean()
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
+        assert torch.equal(out, segment_means([m], [seg])[0])
 
 
 def test_only_the_chosen_methods_settings_are_recorded():

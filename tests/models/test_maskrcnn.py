@@ -1,11 +1,15 @@
-"""Tests for models.maskrcnn: backbone weights in the FPN body, label convention, empty targets, learning."""
+"""Tests for models.maskrcnn and models.drop_loss: backbone weights in the FPN body, label convention, empty targets,
+learning, DropLoss."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
+from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from models.backbone import build_backbone
+from models.drop_loss import DropLossRoIHeads, drop_loss_classifier
 from models.maskrcnn import MaskRCNNConfig, build_maskrcnn, build_maskrcnn_adapter, maskrcnn_optimizer
 
 H, W = 128, 160  # already at MaskRCNNConfig.small's scale: the transform does not resize them
@@ -150,3 +154,74 @@ def test_learns_synthetic_shapes():
         optimizer.step()
     after = _mean_best_iou(adapter, images, targets)
     assert after > 0.7 and after > before + 0.2, (before, after)
+
+
+def _drop_loss_inputs():
+    """Two images' sampled regions, as torchvision's RoI head hands them to its loss. Image 0 has one pseudo box;
+    its regions: far from it (background), overlapping it a little (background), on it (foreground), and far
+    from it but with deltas that move the predicted box onto it (background). Image 1 has no pseudo box."""
+    target = torch.tensor([[40.0, 40.0, 80.0, 80.0]])
+    proposals = [torch.tensor([[100.0, 100.0, 140.0, 140.0], [70.0, 70.0, 110.0, 110.0], [42.0, 42.0, 80.0, 82.0],
+                               [100.0, 40.0, 140.0, 80.0]]),
+                 torch.tensor([[0.0, 0.0, 30.0, 30.0], [40.0, 40.0, 80.0, 80.0]])]
+    labels = [torch.tensor([0, 0, 1, 0]), torch.tensor([0, 0])]
+    box_regression = torch.zeros(6, 2 * 4)  # (R, (K + 1) * 4) with K = 1: zero deltas keep the proposal ...
+    box_regression[3, 4] = -10.0  # ... but region 3's foreground box moves one width left (dx = -1, weight 10)
+    torch.manual_seed(0)
+    class_logits = torch.randn(6, 2, requires_grad=True)
+    return class_logits, box_regression, proposals, labels, [target, torch.zeros(0, 4)]
+
+
+def test_drop_loss_leaves_out_regions_whose_predicted_box_overlaps_no_pseudo_box():
+    class_logits, box_regression, proposals, labels, targets = _drop_loss_inputs()
+    box_coder = build_maskrcnn(MaskRCNNConfig.small(num_classes=1)).roi_heads.box_coder
+    loss = drop_loss_classifier(class_logits, box_regression, proposals, labels, targets, box_coder, 0.01)
+    cross_entropy = F.cross_entropy(class_logits, torch.cat(labels), reduction="none")
+    kept = [1, 2, 3]  # 0 overlaps nothing; 3's proposal neither, its predicted box does; image 1 has no target
+    torch.testing.assert_close(loss, cross_entropy[kept].sum() / 6)  # divided by all regions, as CutLER
+    loss.backward()
+    dropped = [0, 4, 5]
+    assert torch.equal(class_logits.grad[dropped], torch.zeros(3, 2))  # no background loss at all
+    assert (class_logits.grad[kept].abs().sum(1) > 0).all()
+    # a threshold above region 1's IoU with the box (0.14) drops it too
+    loss = drop_loss_classifier(class_logits, box_regression, proposals, labels, targets, box_coder, 0.2)
+    torch.testing.assert_close(loss, cross_entropy[[2, 3]].sum() / 6)
+
+
+def test_drop_loss_is_torchvisions_loss_when_nothing_drops():
+    """Below IoU 0 nothing drops: the classification loss is torchvision's (to rounding: a sum over R, not a
+    mean), and every other loss is torchvision's to the bit."""
+    class_logits, box_regression, proposals, labels, targets = _drop_loss_inputs()
+    box_coder = build_maskrcnn(MaskRCNNConfig.small(num_classes=1)).roi_heads.box_coder
+    plain, _ = fastrcnn_loss(class_logits, box_regression, labels, [torch.zeros(len(p), 4) for p in proposals])
+    torch.testing.assert_close(
+        drop_loss_classifier(class_logits, box_regression, proposals, labels, targets, box_coder, -1.0), plain)
+
+    image, target = _scene(SCENES[1])
+    torch.manual_seed(0)
+    plain_model = build_maskrcnn_adapter(MaskRCNNConfig.small(num_classes=1))
+    torch.manual_seed(0)
+    dropping = build_maskrcnn_adapter(MaskRCNNConfig.small(num_classes=1), drop_loss_iou=-1.0)
+    assert isinstance(dropping.model.roi_heads, DropLossRoIHeads)
+    state = plain_model.state_dict()
+    assert state.keys() == dropping.state_dict().keys()  # same parameters: checkpoints load either way
+    for name, tensor in dropping.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    losses = []
+    for model in (plain_model, dropping):
+        torch.manual_seed(1)  # the RPN's and the RoI head's sampling
+        losses.append(model([image], [target]))
+    assert losses[0].keys() == losses[1].keys()
+    for name in losses[0]:
+        exact = {} if name == "loss_classifier" else dict(rtol=0, atol=0)
+        torch.testing.assert_close(losses[1][name], losses[0][name], msg=name, **exact)
+    # with CutLER's threshold only the classification loss changes, and only down (terms are left out)
+    torch.manual_seed(1)
+    cutler = build_maskrcnn_adapter(MaskRCNNConfig.small(num_classes=1), drop_loss_iou=0.01)
+    cutler.load_state_dict(state)
+    torch.manual_seed(1)
+    dropped = cutler([image], [target])
+    for name in losses[0]:
+        if name != "loss_classifier":
+            torch.testing.assert_close(dropped[name], losses[0][name], rtol=0, atol=0, msg=name)
+    assert dropped["loss_classifier"] < losses[0]["loss_classifier"]

@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.backbone import unnormalise
-from models.mask_refinement import RefineConfig
-from models.saliency import (SaliencyConfig, greedy_nms, image_masks, mask_boxes, mask_iou, matrix_nms,
+from models.mask_refinement import RefineConfig, superpixels
+from models.saliency import (SaliencyConfig, greedy_nms, image_masks, kept_maps, mask_boxes, mask_iou, matrix_nms,
                              saliency_maps, select_candidates, upsample_to_image)
 from stages.image_data import MEAN, STD
 
@@ -54,9 +53,14 @@ def test_batched_equals_per_image(nms, refine):
     sizes = [(5, 7), (8, 6), (7, 9)]
     feats, valid, singles = padded_batch(sizes, (9, 10))
     images = 5 * torch.randn(len(sizes), 3, 9 * 32, 10 * 32)  # garbage in the padding must not matter
-    for i, (h, w) in enumerate(sizes):
-        images[i, :, :h * 32 - 5, :w * 32 - 9] = (scene_photo(h * 32 - 5, w * 32 - 9, seed=i) - MEAN) / STD
+    image_hws = [(h * 32 - 5, w * 32 - 9) for h, w in sizes]
+    for i, (h, w) in enumerate(image_hws):
+        images[i, :, :h, :w] = (scene_photo(h, w, seed=i) - MEAN) / STD
+    # as the DataLoader workers make them: from each image's own pixels
+    segments = ([superpixels(images[i, :, :h, :w], refine_cfg) for i, (h, w) in enumerate(image_hws)]
+                if refine == "superpixel" else None)
     batched = select_candidates(feats, valid, cfg)
+    batched_slots, batched_maps = kept_maps(batched, sizes, image_hws, cfg, refine_cfg, images, segments)
     for i, (h, w) in enumerate(sizes):
         alone = select_candidates(singles[i][None], torch.ones(1, h, w, dtype=torch.bool), cfg)
         good = alone.score[0] >= 0
@@ -67,13 +71,14 @@ def test_batched_equals_per_image(nms, refine):
         torch.testing.assert_close(batched.seed_feature[i, :n], alone.seed_feature[0, :n])
         torch.testing.assert_close(batched.soft[i, :n, :h, :w], alone.soft[0, :n])
         assert (batched.score[i, n:] < 0).all()
-        image_hw = (h * 32 - 5, w * 32 - 9)
+        image_hw = image_hws[i]
         own = images[i:i + 1, :, :image_hw[0], :image_hw[1]].clone()  # the image alone, unpadded
-        kb, mb, bb = image_masks(batched, i, (h, w), image_hw, image_hw, cfg, refine=refine_cfg,
-                                 guide=unnormalise(images[i], *image_hw))
-        ka, ma, ba = image_masks(alone, 0, (h, w), image_hw, image_hw, cfg, refine=refine_cfg,
-                                 guide=unnormalise(own[0], *image_hw))
-        assert torch.equal(kb, ka) and torch.equal(mb, ma) and torch.equal(bb, ba)
+        alone_slots, alone_maps = kept_maps(alone, [(h, w)], [image_hw], cfg, refine_cfg, own,
+                                            segments and segments[i:i + 1])
+        refined = refine != "none"
+        kb, mb, bb = image_masks(batched_maps[i], (h, w), image_hw, image_hw, cfg, refined=refined)
+        ka, ma, ba = image_masks(alone_maps[0], (h, w), image_hw, image_hw, cfg, refined=refined)
+        assert torch.equal(batched_slots[i][kb], alone_slots[0][ka]) and torch.equal(mb, ma) and torch.equal(bb, ba)
         assert mb.any((1, 2)).sum() >= 2
 
 
@@ -164,11 +169,12 @@ def test_filters_drop_top_band_and_full_width_masks():
     soft[0, 2, 4:7, :] = 1  # spans the whole width: dropped
     cand = type("C", (), {})()
     cand.soft, cand.score = soft, torch.tensor([[0.9, 0.9, 0.9]])
-    keep, masks, boxes = image_masks(cand, 0, (10, 10), (320, 320), (320, 320), cfg)
-    assert keep.tolist() == [0]
+    slots, maps = kept_maps(cand, [(10, 10)], [(320, 320)], cfg)
+    keep, masks, boxes = image_masks(maps[0], (10, 10), (320, 320), (320, 320), cfg)
+    assert slots[0][keep].tolist() == [0]
     assert boxes[0].tolist() == [96, 160, 192, 256]
     low = SaliencyConfig(min_score=0.95)
-    assert image_masks(cand, 0, (10, 10), (320, 320), (320, 320), low)[0].numel() == 0
+    assert kept_maps(cand, [(10, 10)], [(320, 320)], low)[0][0].numel() == 0
 
 
 def test_kept_seed_features_are_their_window_means():

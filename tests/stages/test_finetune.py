@@ -11,6 +11,7 @@ from models.mask2former import Mask2FormerConfig, build_mask2former
 from models.packaged_backbones import packaged_weights_path
 from pipeline.cli import app
 import stages.finetune as finetune_module
+from stages.code_version import code_version
 from stages.finetune import FinetuneConfig, finetune, load_pretrained, transfer_weights
 from stages.training import Schedule, save_checkpoint
 
@@ -61,6 +62,48 @@ def test_knet_learns_the_demo_objects(two_images, demo, tmp_path, one_thread):
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "pred" / "overlays").glob("*.png"))) == 2
     assert json.loads((tmp_path / "pred" / "results.json").read_text())[0]["file_name"].startswith("val_")
+
+
+def same_run(records: list[dict]) -> list[dict]:
+    """A metrics.jsonl without what differs between two runs of the same training: times, rates, and the
+    start/resume records (where a run started or continued)."""
+    return [{k: v for k, v in r.items() if k not in ("time", "img_per_s", "cpu_s")} for r in records
+            if "event" not in r]
+
+
+@pytest.mark.parametrize("killed", [1, 2], ids=["intermediate", "last"])
+def test_a_run_killed_during_an_evaluation_redoes_it_on_resume(two_images, demo, tmp_path, monkeypatch, killed):
+    """Killed during the evaluation after epoch `killed` (of --eval-at 1 and the last, 2), after that epoch's
+    checkpoint: the resumed run evaluates that epoch again, so it writes the eval.json of an uninterrupted
+    run (a last evaluation skipped would leave none, and the workflow's rule failing on every retry) and its
+    log reads as that run's, with no hole in the learning curve."""
+    options = dict(epochs=2, lr=1e-3, eval_at=(1,), log_every=1)
+    full = overfit("knet", two_images, demo["train"], tmp_path / "full", **options)
+    real = finetune_module.evaluate_model
+    calls = {"n": 0}
+
+    def killed_in_evaluation(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == killed:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "evaluate_model", killed_in_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        overfit("knet", two_images, demo["train"], tmp_path / "cut", **options)
+    assert torch.load(tmp_path / "cut" / "last.pth", weights_only=False)["epoch"] == killed
+    assert not (tmp_path / "cut" / "eval.json").exists()
+    monkeypatch.setattr(finetune_module, "evaluate_model", real)
+    resumed = overfit("knet", two_images, demo["train"], tmp_path / "cut", resume=True, **options)
+    evaluated = json.loads((tmp_path / "cut" / "eval.json").read_text())
+    assert evaluated == json.loads((tmp_path / "full" / "eval.json").read_text())
+    # the code that trained the checkpoint and evaluated it, for `sp table` (stages/report.py)
+    trained = torch.load(tmp_path / "cut" / "final.pth", weights_only=False)["code_version"]
+    assert evaluated["code_version"] == trained == evaluated["eval_code_version"] == code_version()
+    assert same_run(resumed) == same_run(full)
+    assert [r["epoch"] for r in resumed if "segm_AP" in r] == [1, 2]
+    assert [r.get("event") for r in resumed if "event" in r] == ["start", "resume"]
+    assert (tmp_path / "cut" / "final.pth").exists() and (tmp_path / "cut" / "best.pth").exists()
 
 
 def test_maskrcnn_learns_the_demo_objects(two_images, demo, tmp_path, one_thread):
@@ -254,7 +297,9 @@ def test_class_agnostic_finetuning_evaluates_when_asked_and_sp_evaluate_agrees(t
                                       "--images", str(demo["train"]), "--out", str(tmp_path / "ca.json"),
                                       "--workers", "0", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "ca.json").read_text())["segm"]["AP"] == pytest.approx(records[-1]["segm_AP"])
+    evaluated = json.loads((tmp_path / "ca.json").read_text())
+    assert evaluated["segm"]["AP"] == pytest.approx(records[-1]["segm_AP"])
+    assert evaluated["code_version"] == state["code_version"] and evaluated["eval_code_version"] == code_version()
 
 
 def test_a_pretrained_model_is_evaluated_class_agnostically(demo, tmp_path):

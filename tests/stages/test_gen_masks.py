@@ -62,30 +62,23 @@ class CellFeatures(torch.nn.Module):
         return {"c5": torch.tanh(torch.einsum("dc,bchw->bdhw", self.proj.double(), cells))}
 
 
-def test_padding_in_a_batch_does_not_change_any_mask(demo, tiny_settings, tmp_path, monkeypatch):
-    """Images of different sizes padded into one batch give the masks they give alone (batch size 1)."""
-    monkeypatch.setattr("stages.gen_masks.build_backbone", lambda *a, **k: CellFeatures())
-    tiny_settings.saliency = type(tiny_settings.saliency)(min_score=0.0)
-    one = generate(demo["unlabeled"], tmp_path / "b1.zarr", tiny_settings, RunOptions(batch_size=1, workers=0))
-    four = generate(demo["unlabeled"], tmp_path / "b4.zarr", tiny_settings, RunOptions(batch_size=4, workers=0))
-    assert len(set(zip(one.image_array("height"), one.image_array("width")))) > 1  # padding did happen
-    assert one.mask_offset[-1] > 12
-    assert_stores_equal(one, four, float_atol=1e-3)  # float16 features: 1e-3 is a few ulps
-
-
-@pytest.mark.parametrize("method", ["superpixel", "guided"])
-def test_refined_masks_do_not_depend_on_batching(demo, tiny_settings, tmp_path, monkeypatch, method):
-    """With refinement on, batches of 4 (padded) give the store of batch size 1, and the refinement changes
-    the masks (it is not silently skipped)."""
+@pytest.mark.parametrize("method", ["none", "superpixel", "guided"])
+def test_masks_do_not_depend_on_batching_padding_or_workers(demo, tiny_settings, tmp_path, monkeypatch, method):
+    """For every refinement: images of different sizes padded into batches of 4 give the masks they give alone
+    (batch size 1); superpixels made in a DataLoader worker (--workers 1) give the very store of --workers 0;
+    and a refinement changes the masks (it is not silently skipped)."""
     monkeypatch.setattr("stages.gen_masks.build_backbone", lambda *a, **k: CellFeatures())
     tiny_settings.saliency = type(tiny_settings.saliency)(min_score=0.0)
     plain = generate(demo["unlabeled"], tmp_path / "plain.zarr", tiny_settings, RunOptions(batch_size=4, workers=0))
     tiny_settings.refine = RefineConfig(method=method, downsample=2, radius=8)
     one = generate(demo["unlabeled"], tmp_path / "b1.zarr", tiny_settings, RunOptions(batch_size=1, workers=0))
     four = generate(demo["unlabeled"], tmp_path / "b4.zarr", tiny_settings, RunOptions(batch_size=4, workers=0))
+    worker = generate(demo["unlabeled"], tmp_path / "w1.zarr", tiny_settings, RunOptions(batch_size=4, workers=1))
+    assert len(set(zip(one.image_array("height"), one.image_array("width")))) > 1  # padding did happen
     assert one.mask_offset[-1] > 12
-    assert_stores_equal(one, four, float_atol=1e-3)
-    assert one.rle_images(0, 12) != plain.rle_images(0, 12)
+    assert_stores_equal(one, four, float_atol=1e-3)  # float16 features: 1e-3 is a few ulps
+    assert_stores_equal(four, worker)
+    assert (one.rle_images(0, 12) != plain.rle_images(0, 12)) == (method != "none")
 
 
 def test_refinement_is_a_recorded_setting_and_another_is_refused_on_resume(demo, tiny_settings, tmp_path):
@@ -104,10 +97,22 @@ def test_refinement_is_a_recorded_setting_and_another_is_refused_on_resume(demo,
         generate(demo["unlabeled"], tmp_path / "s.zarr", tiny_settings, options)
 
 
+def test_a_refinement_whose_library_is_missing_is_refused_before_the_store_exists(demo, tmp_path, monkeypatch):
+    """Without kornia (e.g. an install that skipped it), `--refine guided` stops at once naming it, instead of
+    failing at the first image with a half-made store left behind."""
+    monkeypatch.setitem(sys.modules, "kornia", None)  # `import kornia...` now raises ImportError
+    monkeypatch.setitem(sys.modules, "kornia.filters", None)
+    result = CliRunner().invoke(app, ["gen-masks", str(demo["unlabeled"]), "--store", str(tmp_path / "s.zarr"),
+                                      "--refine", "guided", "--backbone", "resnet18", "--backbone-weights", "none",
+                                      "--workers", "0", "--device", "cpu"])
+    assert result.exit_code == 2 and "refinement 'guided' needs kornia" in result.output
+    assert not (tmp_path / "s.zarr").exists() and list(tmp_path.iterdir()) == []
+
+
 def test_gen_masks_help_explains_the_refinement():
     text = " ".join(CliRunner().invoke(app, ["gen-masks", "--help"], env={"COLUMNS": "200"}).output.split())
     for words in ("--refine", "none|superpixel|guided", "Felzenszwalb segment", "paper's generator",
-                  "[default: superpixel]", "--superpixel-scale", "--guided-radius", "--refine-downsample"):
+                  "[default: none]", "--superpixel-scale", "--guided-radius", "--refine-downsample"):
         assert words in text, words
 
 

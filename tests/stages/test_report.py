@@ -3,8 +3,10 @@ pseudo-mask quality, loss curves, and the CLI's errors."""
 import json
 import math
 import statistics
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -22,12 +24,22 @@ def metrics(ap: float, aps: float = 5.0) -> dict:
     return {"segm": values, "bbox": {**values, "AP": ap / 2}, "images": 4}
 
 
-def write_run(tmp_path, name: str, ap: float, curve: dict[int, float], aps: float = 5.0, epoch_s: float = 60.0):
-    """An `sp evaluate` file and a metrics.jsonl whose epochs each took `epoch_s` seconds."""
+def version(source: str, commit: str = "c0") -> dict:
+    return {"source": source, "commit": commit, "dirty": False}
+
+
+def write_run(tmp_path, name: str, ap: float, curve: dict[int, float], aps: float = 5.0, epoch_s: float = 60.0,
+              parts: tuple[dict, ...] = ()):
+    """An `sp evaluate` file and a metrics.jsonl whose epochs each took `epoch_s` seconds; with `parts`, the code
+    versions of the run's parts (a start record, then a resume record per further part), the last of which
+    trained the checkpoint and evaluated it, as `sp finetune` writes them."""
     eval_file, metrics_file = tmp_path / f"{name}.json", tmp_path / f"{name}.jsonl"
-    eval_file.write_text(json.dumps(metrics(ap, aps)))
+    versions = {"code_version": parts[-1], "eval_code_version": parts[-1]} if parts else {}
+    eval_file.write_text(json.dumps({**metrics(ap, aps), **versions}))
+    lines = [{"step": i, "epoch": 0, "event": "resume" if i else "start", "code_version": v, "time": 1e9}
+             for i, v in enumerate(parts)]
     # training records carry no AP; the evaluation of epoch e is logged 5 s after its last step
-    lines = [{"epoch": e, "step": 10 * e, "loss": 1.0, "time": 1e9 + epoch_s * e} for e in curve]
+    lines += [{"epoch": e, "step": 10 * e, "loss": 1.0, "time": 1e9 + epoch_s * e} for e in curve]
     lines += [{"epoch": e, "segm_AP": v, "bbox_AP": v / 2, "time": 1e9 + epoch_s * e + 5} for e, v in curve.items()]
     metrics_file.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     return eval_file, metrics_file
@@ -131,6 +143,89 @@ def test_rows_of_an_earlier_table_are_kept_where_their_runs_are_gone(tmp_path):
     unlisted = runner.invoke(app, ["table", str(a[0]), "--names", "sp", "--include", str(earlier),
                                    "--rows", "scratch", "--out", str(tmp_path / "u")])
     assert unlisted.exit_code != 0 and "not in the table's rows: sp" in unlisted.output
+
+
+def test_an_earlier_tables_files_match_however_the_path_is_spelled(tmp_path, monkeypatch):
+    """The committed table recorded runs/a.json; rerun and given as ./runs/a.json or by its absolute path it
+    replaces that seed instead of counting twice; one file given twice in a call is refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    a = write_run(tmp_path / "runs", "a", 10.0, {1: 1.0})
+    write_run(tmp_path / "runs", "b", 30.0, {1: 2.0})
+    write_table([Path("runs/a.json"), Path("runs/b.json")], ["sp", "sp"], tmp_path / "first")
+    rerun = write_run(tmp_path / "runs", "a", 20.0, {1: 1.0})
+    for spelled in ("./runs/a.json", str(rerun[0]), "runs/../runs/a.json"):
+        text = write_table([Path(spelled)], ["sp"], tmp_path / "second", earlier=tmp_path / "first.json")
+        assert row(text, "sp")[1:3] == ["2", cell([30.0, 20.0])], spelled
+    saved = json.loads((tmp_path / "second.json").read_text())["runs"]["sp"]
+    assert sorted(r["file"] for r in saved) == ["runs/a.json", "runs/b.json"]  # as spelled last, normalised
+    with pytest.raises(ValueError, match="runs/a.json is given twice"):
+        write_table([a[0], Path("./runs/a.json")], ["sp", "sp"], tmp_path / "third")
+
+
+def test_seeds_of_different_code_are_refused_unless_allowed_and_then_counted(tmp_path):
+    """Seeds whose 'source' hashes differ (or whose version is unknown: older runs) make a row of mixed code: it
+    is refused, naming the row and its files; with --allow-mixed the row shows how many versions it averages and
+    OUT.json lists them. A commit that changed no code (same source) is the same version."""
+    runner = CliRunner()
+    same = [write_run(tmp_path, "s0", 10.0, {1: 1.0}, parts=(version("aaa", "c1"),)),
+            write_run(tmp_path, "s1", 20.0, {1: 2.0}, parts=(version("aaa", "c2"),))]  # a doc-only commit
+    other = write_run(tmp_path, "o", 30.0, {1: 3.0}, parts=(version("bbb"),))
+    unknown = write_run(tmp_path, "u", 40.0, {1: 4.0})  # a run from before versions were recorded
+    resumed = write_run(tmp_path, "r", 50.0, {1: 5.0}, parts=(version("aaa"), version("bbb")))  # resumed on new code
+
+    def table(runs, names, *flags, with_metrics=True):
+        args = ["table", *(str(r[0]) for r in runs), "--names", ",".join(names), "--out", str(tmp_path / "t"), *flags]
+        return runner.invoke(app, args + [a for r in runs for a in ("--metrics", str(r[1]))] if with_metrics else args)
+
+    ok = table(same + [other], ["sp", "sp", "scratch"])
+    assert ok.exit_code == 0, ok.output
+    assert "versions" not in ok.output
+    assert json.loads((tmp_path / "t.json").read_text())["code_versions"] == {"sp": ["aaa"], "scratch": ["bbb"]}
+    assert json.loads((tmp_path / "t.json").read_text())["runs"]["sp"][1]["code_versions"] == [version("aaa", "c2")]
+    for runs, keys in [([same[0], other], ["aaa", "bbb"]), ([same[0], unknown], ["aaa", "unknown"]),
+                       ([same[0], resumed], ["aaa", "aaa+bbb"])]:
+        for with_metrics in (True, False):  # the eval files alone know the checkpoint's version
+            refused = table(runs, ["sp", "sp"], with_metrics=with_metrics)
+            text = " ".join(refused.output.split())
+            assert refused.exit_code == 2 and "rows sp average seeds of different code versions" in text
+            assert str(runs[1][0]) in text and "--allow-mixed" in text
+        allowed = table(runs, ["sp", "sp"], "--allow-mixed")
+        assert allowed.exit_code == 0, allowed.output
+        md = (tmp_path / "t.md").read_text()
+        assert row(md, "run")[-1] == "versions" and row(md, "sp")[-1] == "2"
+        assert json.loads((tmp_path / "t.json").read_text())["code_versions"]["sp"] == keys
+
+
+def test_recorded_seeds_without_a_file_are_replaced_only_when_asked(tmp_path):
+    """A table from before records named their file (experiments/coco_results.json): new evaluation files of one
+    of its rows cannot be matched with its seeds, so the row is refused rather than doubled; --replace-fileless
+    makes the new files the row. Rows given no files keep their records, and the pseudo-mask section is kept
+    unless new is given."""
+    old = [{**metrics(ap), "curve": {"1": ap / 10}} for ap in (10.0, 20.0)]
+    stats = {c: 50.0 for c in (*COLUMNS, "AR100")}
+    earlier = tmp_path / "coco_results.json"
+    earlier.write_text(json.dumps({"runs": {"sp": old, "scratch": old},
+                                   "pseudo_masks": {"saliency": {"segm": stats, "bbox": stats, "images": 2, "masks": 3}}}))
+    new = write_run(tmp_path, "n", 50.0, {1: 5.0})
+    runner = CliRunner()
+    args = ["table", str(new[0]), "--names", "sp", "--metrics", str(new[1]), "--include", str(earlier), "--out",
+            str(tmp_path / "t")]
+    refused = runner.invoke(app, args)
+    text = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "row sp:" in text and "2 seed(s) without an evaluation file" in text
+    replaced = runner.invoke(app, args + ["--replace-fileless"])
+    assert replaced.exit_code == 0, replaced.output
+    md = (tmp_path / "t.md").read_text()
+    assert row(md, "sp")[1:3] == ["1", "50.0"] and row(md, "scratch")[1:3] == ["2", cell([10.0, 20.0])]
+    assert "| saliency | 3 | 2 | 50.0 |" in md  # kept from the earlier table
+    assert json.loads((tmp_path / "t.json").read_text())["pseudo_masks"]["saliency"]["masks"] == 3
+    quality = tmp_path / "q.json"
+    quality.write_text(json.dumps({"segm": stats, "bbox": stats, "images": 4, "masks": 9}))
+    given = runner.invoke(app, args + ["--replace-fileless", "--pseudo-masks", f"refined={quality}"])
+    assert given.exit_code == 0, given.output
+    md = (tmp_path / "t.md").read_text()
+    assert "| refined | 9 | 4 |" in md and "| saliency |" not in md
 
 
 def test_pseudo_mask_table_with_missing_size_ranges():

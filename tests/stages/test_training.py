@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.training import LoopConfig, prepare_run_folder, read_checkpoint, save_checkpoint
+from stages.training import LoopConfig, MetricsLog, prepare_run_folder, read_checkpoint, save_checkpoint
 
 SETTINGS = {"out": "run", "lr": 0.1, "batch_size": 2, "epochs": 4, "workers": 2}
 
@@ -79,3 +79,19 @@ def test_only_sp_checkpoints_are_read(tmp_path):
     save_checkpoint(tmp_path / "b.pth", {"conv.weight": 1})
     with pytest.raises(ValueError, match="b.pth is not a checkpoint of `sp pretrain` or `sp finetune`"):
         read_checkpoint(tmp_path / "b.pth", "--init")
+
+
+def test_the_log_tells_whether_an_epochs_end_was_recorded(tmp_path):
+    """What a resumed run reads to decide whether to end (evaluate) the epoch of its checkpoint again: the record
+    of epoch 2's end (step 20) is neither the last training record of epoch 2 (which carries epoch 1, the epoch
+    trained) nor the resume record written at that step."""
+    log = MetricsLog(tmp_path, enabled=True)
+    log.write({"step": 0, "epoch": 0, "event": "start"})
+    log.write({"step": 10, "epoch": 0, "loss": 1.0})
+    log.write({"step": 10, "epoch": 1, "segm_AP": 3.0})
+    log.write({"step": 20, "epoch": 1, "loss": 0.5})
+    log.write({"step": 20, "epoch": 2, "event": "resume"})
+    assert log.has_epoch_end(1, 10) and not log.has_epoch_end(2, 20)
+    log.write({"step": 20, "epoch": 2, "segm_AP": 4.0})
+    assert log.has_epoch_end(2, 20)
+    assert not MetricsLog(tmp_path, enabled=False).has_epoch_end(2, 20)  # a process that keeps no log

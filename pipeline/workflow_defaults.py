@@ -1,0 +1,43 @@
+"""The stage settings of the workflow's config (config/config.yaml, experiments/*.yaml) and their defaults.
+
+Each default is read from the stage's settings dataclass, where `sp` reads it too, so a key a config leaves out
+means what the command does when its option is left out. The Snakefile fills these in before it names stores
+and pre-training runs by their settings, so that a config spelling out a default and one leaving it out share
+their stores and runs (docs/defaults.md).
+"""
+from __future__ import annotations
+
+from pipeline.cli_common import DEFAULT_BACKBONE_WEIGHTS, settings_defaults
+from stages.finetune import FinetuneConfig
+from stages.gen_masks import GenerationSettings, RunOptions
+from stages.pretrain import PretrainConfig
+
+
+def workflow_defaults() -> dict:
+    """{config key: its default}; `gen_masks` is a dict of its own keys (the settings every store starts from)."""
+    gen, run = GenerationSettings(), RunOptions()
+    pre, ft = settings_defaults(PretrainConfig), settings_defaults(FinetuneConfig)
+    return {
+        "gen_masks": {"method": gen.method, "backbone": gen.backbone, "backbone_weights": DEFAULT_BACKBONE_WEIGHTS,
+                      "image_size": gen.image_size, "max_size": gen.max_size, "min_score": gen.saliency.min_score,
+                      "max_masks": gen.saliency.max_masks, "nms": gen.saliency.nms, "refine": gen.refine.method},
+        "gen_batch_size": run.batch_size,
+        "small_models": ft.small,  # pre-training and fine-tuning (PretrainConfig's model is the full-size one)
+        "pretrain_epochs": pre.epochs,
+        "pretrain_batch_size": pre.batch_size,
+        "pretrain_lr_steps": list(pre.schedule.lr_steps),
+        "pretrain_warmup_steps": pre.schedule.warmup_steps,
+        "pretrain_image_size": pre.image_size,
+        "pretrain_max_size": pre.max_size,
+        "prompt": pre.prompt.mode,  # the query models' (PretrainConfig's model is K-Net)
+        "kernel_loss_weight": pre.kernel_loss_weight,
+        "finetune_epochs": ft.epochs,
+        "finetune_batch_size": ft.batch_size,
+        "finetune_lr_steps": list(ft.schedule.lr_steps),
+        "finetune_warmup_steps": ft.schedule.warmup_steps,
+        "finetune_image_size": ft.image_size,
+        "finetune_max_size": ft.max_size,
+        "finetune_rotate": ft.rotate_deg,
+        "finetune_frozen_stages": ft.frozen_stages,
+        "finetune_eval_at": list(ft.eval_at),
+    }

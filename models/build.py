@@ -1,7 +1,7 @@
 """The query-based models by name: their config class and build function, for the commands and checkpoints.
 
-Adding a model is one entry in ``QUERY_MODELS``; every stage reaches models only through these functions and
-the interface of ``models.query_model``.
+Adding a model is its config in ``models.settings.QUERY_MODEL_CONFIGS`` and one entry in ``QUERY_MODELS``; every
+stage reaches models only through these functions and the interface of ``models.query_model``.
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 
 from torch import nn
 
-from models.knet import KNetConfig, build_knet
-from models.mask2former import Mask2FormerConfig, build_mask2former
-from models.queryinst import QueryInstConfig, build_queryinst
+from models.knet import build_knet
+from models.mask2former import build_mask2former
+from models.queryinst import build_queryinst
+from models.settings import QUERY_MODEL_CONFIGS, model_kind
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,9 @@ class QueryModelSpec:
 
 
 QUERY_MODELS = {
-    "knet": QueryModelSpec(KNetConfig, build_knet, "num_kernels"),
-    "mask2former": QueryModelSpec(Mask2FormerConfig, build_mask2former, "num_queries"),
-    "queryinst": QueryModelSpec(QueryInstConfig, build_queryinst, "num_proposals"),
+    "knet": QueryModelSpec(QUERY_MODEL_CONFIGS["knet"], build_knet, "num_kernels"),
+    "mask2former": QueryModelSpec(QUERY_MODEL_CONFIGS["mask2former"], build_mask2former, "num_queries"),
+    "queryinst": QueryModelSpec(QUERY_MODEL_CONFIGS["queryinst"], build_queryinst, "num_proposals"),
 }
 
 
@@ -44,11 +45,6 @@ def query_model_config(kind: str, *, small: bool, backbone: str, num_queries: in
     if num_queries:
         fields[spec.num_queries_field] = num_queries
     return config(backbone=backbone, **fields)
-
-
-def model_kind(cfg) -> str:
-    """The name of the model a config belongs to."""
-    return next(kind for kind, spec in QUERY_MODELS.items() if isinstance(cfg, spec.config))
 
 
 def build_query_model(cfg, backbone_weights: Path | None = None) -> nn.Module:

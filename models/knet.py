@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,35 +21,7 @@ from models.backbone import build_backbone
 from models.fpn import FPN, ConvGNReLU, SemanticFusion
 from models.losses import knet_losses
 from models.query_model import PromptFn, query_instances
-
-
-@dataclass
-class KNetConfig:
-    backbone: str = "resnet50"
-    num_classes: int = 80
-    num_kernels: int = 100
-    num_stages: int = 3
-    channels: int = 256
-    ffn_dim: int = 2048
-    num_heads: int = 8
-    frozen_stages: int = 1
-    norm_eval: bool = True  # backbone BatchNorm statistics stay fixed (small per-GPU batches)
-    # 0.3, as the SP authors evaluate K-Net on COCO: higher mask AP than 0.5 on held-apart training photos
-    # (experiments/README.md, "Test-time mask threshold"); Mask2Former and QueryInst keep their 0.5
-    mask_threshold_test: float = 0.3
-    max_per_image: int = 100
-    # test time: score x mean mask probability inside the mask (Mask2Former's rule; not K-Net's, which ranks by
-    # the class score alone)
-    mask_quality_score: bool = False
-
-    @classmethod
-    def small(cls, **overrides) -> KNetConfig:
-        """A CPU-sized model for tests and smoke runs: ResNet-18, 64 channels, 16 kernels.
-
-        64 channels still allow GroupNorm with the reference's 32 groups (see ``models.fpn.gn_groups``).
-        """
-        base = cls(backbone="resnet18", channels=64, ffn_dim=256, num_heads=4, num_kernels=16)
-        return replace(base, **overrides)
+from models.settings import KNetConfig
 
 
 def _upsample2(masks: Tensor) -> Tensor:

@@ -13,7 +13,6 @@ outputs, the last one no-object); masks are predicted at stride 4, (H/4, W/4).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,38 +24,7 @@ from models.fpn import sine_position_encoding
 from models.mask2former_losses import mask2former_losses
 from models.pixel_decoder import PixelDecoder
 from models.query_model import PromptFn, query_instances
-
-
-@dataclass
-class Mask2FormerConfig:
-    """The defaults are the paper's (Mask2Former R50 instance segmentation), but for the backbone's freezing:
-    the reference trains all of it (FREEZE_AT 0) with frozen BatchNorm; here stem + C2 are frozen as in the
-    project's other models and the Saliency Prompt paper (§4.1), and the stages set it anyway."""
-    backbone: str = "resnet50"
-    num_classes: int = 80
-    num_queries: int = 100
-    channels: int = 256  # pixel decoder, transformer decoder and mask embedding width
-    num_heads: int = 8
-    encoder_layers: int = 6
-    encoder_ffn_dim: int = 1024
-    encoder_points: int = 4  # deformable sampling points per head and level
-    decoder_layers: int = 9
-    decoder_ffn_dim: int = 2048
-    frozen_stages: int = 1
-    norm_eval: bool = True
-    num_points: int = 12544  # 112 x 112 points for matching and for the mask losses
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
-    mask_threshold_test: float = 0.5
-    max_per_image: int = 100
-
-    @classmethod
-    def small(cls, **overrides) -> Mask2FormerConfig:
-        """A CPU-sized model: 64 channels, 4 heads, 16 queries, 2 encoder layers, 6 decoder layers (two
-        cycles over the three scales), 3136 points. The backbone is the caller's."""
-        base = cls(channels=64, num_heads=4, num_queries=16, encoder_layers=2, encoder_ffn_dim=256,
-                   decoder_layers=6, decoder_ffn_dim=256, num_points=3136)
-        return replace(base, **overrides)
+from models.settings import Mask2FormerConfig
 
 
 class MaskedCrossAttention(nn.Module):

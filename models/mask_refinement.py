@@ -15,59 +15,11 @@ Shapes: K maps, (h, w) the working grid (see `RefineConfig.work_size`).
 """
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from models.backbone import unnormalise
-
-REFINE_METHODS = ("none", "superpixel", "guided")
-# The settings that change each method's masks: only these are recorded, so an unused one cannot make two
-# stores differ.
-_METHOD_KEYS = {"none": (), "superpixel": ("downsample", "scale", "sigma", "min_size"),
-                "guided": ("downsample", "radius", "eps")}
-_METHOD_MODULE = {"superpixel": ("skimage.segmentation", "scikit-image"), "guided": ("kornia.filters", "kornia")}
-
-
-@dataclass(frozen=True)
-class RefineConfig:
-    """Every setting of the refinement; those of the chosen method are recorded in the store."""
-
-    # "none" (the paper's generator), "superpixel" or "guided". The default is "none" by the one downstream
-    # measurement: pre-trained on superpixel-refined masks, K-Net fine-tuned on 20 Penn-Fudan photos scored
-    # 11.2 ± 4.8 mask AP against 15.9 ± 0.5 (experiments/README.md, Penn-Fudan, "The paper's claims, here"),
-    # although the refined masks themselves score higher; the pre-training scale study may revisit it.
-    method: str = "none"
-    downsample: int = 2  # superpixel: segment the resized image shrunk by this; guided: the filter's subsampling
-    scale: float = 400.0  # superpixel: Felzenszwalb's k, larger gives larger segments
-    sigma: float = 0.5  # superpixel: Gaussian pre-smoothing, in working pixels
-    min_size: int = 100  # superpixel: smaller segments are merged into a neighbour, in working pixels
-    radius: int = 64  # guided: window radius, in resized-image pixels
-    eps: float = 0.01  # guided: regulariser on the local colour variance (colours in [0, 1])
-
-    def __post_init__(self):
-        if self.method not in REFINE_METHODS:
-            raise ValueError(f"unknown refinement {self.method!r}: expected one of {', '.join(REFINE_METHODS)}")
-        if self.downsample < 1 or self.radius < 1 or self.min_size < 1 or self.scale <= 0 or self.eps <= 0:
-            raise ValueError(f"refinement settings out of range: {self}")
-        if self.method in _METHOD_MODULE:  # refused here, before a store is created, not at its first image
-            module, package = _METHOD_MODULE[self.method]
-            try:
-                importlib.import_module(module)
-            except ImportError as e:
-                raise ValueError(f"refinement {self.method!r} needs {package}, which cannot be imported ({e}); "
-                                 "install the project's dependencies (pyproject.toml)") from None
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, **{key: getattr(self, key) for key in _METHOD_KEYS[self.method]}}
-
-    def work_size(self, resized_hw: tuple[int, int]) -> tuple[int, int]:
-        """The grid the soft maps are refined on: the resized image, shrunk for the segmentation."""
-        if self.method == "superpixel":
-            return tuple(max(1, round(side / self.downsample)) for side in resized_hw)
-        return tuple(resized_hw)
+from models.settings import RefineConfig
 
 
 def superpixels(image: torch.Tensor, cfg: RefineConfig) -> torch.Tensor:

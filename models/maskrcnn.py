@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,38 +29,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 from models.backbone import IMAGENET_MEAN, IMAGENET_STD, LEVELS, FeatureBackbone, build_backbone
 from models.drop_loss import with_drop_loss
 from models.saliency import mask_boxes
-
-
-@dataclass
-class MaskRCNNConfig:
-    """Mask R-CNN settings; the defaults are torchvision's (and the paper's) full-size ones."""
-
-    backbone: str = "resnet50"
-    num_classes: int = 80  # foreground classes; torchvision's background class is added internally
-    frozen_stages: int = 1  # stem + C2 frozen, C3..C5 train (torchvision's default trainable_layers=3)
-    min_size: int = 800
-    max_size: int = 1333
-    rpn_pre_nms_top_n_train: int = 2000
-    rpn_post_nms_top_n_train: int = 2000
-    rpn_pre_nms_top_n_test: int = 1000
-    rpn_post_nms_top_n_test: int = 1000
-    box_batch_size_per_image: int = 512
-    box_detections_per_img: int = 100
-    mask_threshold: float = 0.5
-    fpn_channels: int = 256
-    box_head_dim: int = 1024  # the two-layer MLP of the box head
-    mask_head_channels: int = 256  # the four 3x3 convs and the deconvolution of the mask head
-
-    @classmethod
-    def small(cls, **overrides) -> MaskRCNNConfig:
-        """A CPU-sized model, heads as narrow as K-Net's small ones (64-channel FPN and mask head, 256-d box
-        MLP), few proposals and RoIs (the mask head's 14x14 convs on up to 25% positive RoIs dominate a CPU
-        step, hence 32 RoIs); ResNet-18 at 128-192 px unless overridden (the commands pass the backbone and
-        the image size)."""
-        base = cls(backbone="resnet18", min_size=128, max_size=192, rpn_pre_nms_top_n_train=200,
-                   rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
-                   box_batch_size_per_image=32, fpn_channels=64, box_head_dim=256, mask_head_channels=64)
-        return replace(base, **overrides)
+from models.settings import MaskRCNNConfig
 
 
 class BackboneFPN(nn.Module):

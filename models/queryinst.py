@@ -13,7 +13,6 @@ Shapes: B images of (H, W) (multiples of 32), N proposals, C channels, K classes
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,41 +25,11 @@ from models.box_masks import paste_masks_in_boxes
 from models.dynamic_heads import DIIHead, DynamicMaskHead
 from models.fpn import FPN
 from models.queryinst_losses import queryinst_losses
+from models.settings import QueryInstConfig
 
 PromptFn = Callable[[Tensor, Mapping[str, Tensor]], Tensor]
 LEVELS = ("p2", "p3", "p4", "p5")
 BOX_ROI, MASK_ROI = 7, 14  # RoI grids of the box and mask branches; masks come out at 2 * MASK_ROI
-
-
-@dataclass
-class QueryInstConfig:
-    backbone: str = "resnet50"
-    num_classes: int = 80
-    num_proposals: int = 100
-    num_stages: int = 6
-    channels: int = 256
-    dynamic_dim: int = 64  # width of the generated 1x1 convs
-    ffn_dim: int = 2048
-    num_heads: int = 8
-    mask_convs: int = 4
-    mask_channels: int = 256
-    frozen_stages: int = 1
-    norm_eval: bool = True  # backbone BatchNorm statistics stay fixed (small per-GPU batches)
-    max_per_image: int = 100
-    mask_threshold_test: float = 0.5
-
-    @classmethod
-    def small(cls, **overrides) -> QueryInstConfig:
-        """A CPU-sized model for tests and smoke runs: 64 channels, 16 proposals, 2 stages, a 2-conv 32-channel
-        mask head. The backbone stays whatever the caller gives (``backbone=...``).
-
-        Two stages, not six: each stage refines the previous one's boxes, and from a random start the later
-        stages' boxes are far off and their losses dominate the clipped gradient, so a short CPU run learns
-        markedly slower with more stages (the full config keeps QueryInst's six).
-        """
-        base = cls(num_proposals=16, num_stages=2, channels=64, dynamic_dim=16, ffn_dim=256, num_heads=4,
-                   mask_convs=2, mask_channels=32)
-        return replace(base, **overrides)
 
 
 class QueryInst(nn.Module):

@@ -7,31 +7,13 @@ Shapes: B images, D channels, (h, w) the padded C5 grid, P = h * w positions, S 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from models.mask_refinement import RefineConfig, refine_maps
-
-
-@dataclass(frozen=True)
-class SaliencyConfig:
-    """Every setting of the saliency step; all of them are recorded in the store."""
-
-    seed_pools: tuple[int, ...] = (1, 2, 4)  # seeds = C5 average-pooled by these factors
-    threshold: float = 0.5  # on the min-max normalised similarity map
-    min_cells: int = 2  # a candidate must cover at least this many C5 cells
-    nms: str = "matrix"  # "matrix" (SOLOv2, Gaussian) or "greedy" (hard IoU NMS)
-    matrix_sigma: float = 2.0
-    iou_threshold: float = 0.5  # greedy NMS only
-    max_masks: int = 20  # kept after NMS, before the filters
-    min_score: float = 0.7  # on the score after NMS (decayed maskness)
-    max_width_frac: float = 0.95  # drop masks whose box is as wide as the image
-    min_center_y_frac: float = 0.2  # drop masks centred in the top band of the image
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from models.mask_refinement import refine_maps
+from models.settings import RefineConfig, SaliencyConfig
 
 
 @dataclass

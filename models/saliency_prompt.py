@@ -8,21 +8,14 @@ stored seed-feature size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from models.settings import PromptConfig
+
 PROMPT_MODES = ("cosine", "sequential", "random", "none")
-
-
-@dataclass
-class PromptConfig:
-    mode: str = "cosine"  # the paper's matching; the others are Table 5's ablations
-    drop_prob: float = 0.1  # each kernel's prompt is dropped with this probability (training only)
-    roi_size: int = 7  # RoIAlign grid, averaged to one vector per box
 
 
 def box_prompts(p5: torch.Tensor, boxes: list[torch.Tensor], stride: int, roi_size: int = 7) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ import typer
 from pipeline.cli_common import (DEFAULT_BACKBONE_WEIGHTS, Backbone, BackboneWeights, BatchSize, DecodeImages,
                                  Device, ImageSize, MaxSize, Method, Nms, Workers, app, backbone_weights_path, fail,
                                  resolve_device, store_app)
-from stages.gen_masks import GenerationSettings, RunOptions
+from stages.settings import GenerationSettings, RunOptions
 
 # The options' defaults are the stage's (docs/defaults.md): `sp gen-masks` and `sp store import-coco` with no
 # options make the store that GenerationSettings() and RunOptions() describe.
@@ -91,8 +91,7 @@ def gen_masks(
                                            "given.")] = GEN.init_seed,
 ):
     """Stage 1: pseudo masks from seed-convolution saliency, written to a resumable Zarr store."""
-    from models.mask_refinement import RefineConfig
-    from models.saliency import SaliencyConfig
+    from models.settings import RefineConfig, SaliencyConfig
     from stages.gen_masks import generate, parse_shard
     from stages.image_data import read_image_list
     from store.export import format_summary, store_summary

@@ -8,12 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from models.build import model_kind
+from models.settings import MaskRCNNConfig, PromptConfig, model_kind
 from pipeline.cli_common import (DEFAULT_BACKBONE_WEIGHTS, Backbone, BackboneWeights, BatchSize, DecodeImages, Device,
                                  FinetuneCheckpoint, ImageSize, MaxSize, Overwrite, SkipBad, Workers, app,
                                  backbone_weights_path, fail, resolve_device, settings_defaults)
-from stages.finetune import FinetuneConfig
-from stages.pretrain import MASKRCNN_DEFAULTS, QUERY_MODEL_DEFAULTS, PretrainConfig
+from stages.settings import MASKRCNN_DEFAULTS, QUERY_MODEL_DEFAULTS, FinetuneConfig, PretrainConfig, Schedule
 
 # The options' defaults are the stages' (docs/defaults.md): `sp pretrain` and `sp finetune` with only their paths
 # run with the PretrainConfig and FinetuneConfig defaults.
@@ -108,10 +107,7 @@ def pretrain_cmd(
     supervision, or Mask R-CNN on its pseudo masks with DropLoss. Multi-GPU: `torchrun --nproc_per_node N -m
     pipeline.cli pretrain ...`."""
     from models.build import query_model_config
-    from models.maskrcnn import MaskRCNNConfig
-    from models.saliency_prompt import PromptConfig
     from stages.pretrain import pretrain
-    from stages.training import Schedule
 
     prompt_fields = {k: v for k, v in (("mode", prompt and prompt.value), ("drop_prob", prompt_drop)) if v is not None}
     try:
@@ -214,7 +210,6 @@ def finetune_cmd(
 ):
     """Stage 2b: fine-tune on a small labeled set, with mask and box AP on the validation set every epoch."""
     from stages.finetune import finetune
-    from stages.training import Schedule
 
     cfg = FinetuneConfig(
         train_ann=train_ann, train_images=train_images, val_ann=val_ann, val_images=val_images, out=out,

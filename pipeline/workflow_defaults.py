@@ -8,9 +8,7 @@ their stores and runs (docs/defaults.md).
 from __future__ import annotations
 
 from pipeline.cli_common import DEFAULT_BACKBONE_WEIGHTS, settings_defaults
-from stages.finetune import FinetuneConfig
-from stages.gen_masks import GenerationSettings, RunOptions
-from stages.pretrain import PretrainConfig
+from stages.settings import FinetuneConfig, GenerationSettings, PretrainConfig, RunOptions
 
 
 def workflow_defaults() -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,48 +24,14 @@ from stages.coco_check import EVALUATION, TRAINING, checked_data, load_checked_c
 from stages.coco_data import CocoInstances, one_class
 from stages.code_version import code_version
 from stages.evaluate import coco_evaluate, predictions_to_results
-from stages.gen_masks import GenerationSettings
 from stages.inference import predict_images, unnormalise_batch
 from stages.pseudo_label_data import collate_training
-from stages.training import (LoopConfig, Schedule, config_dict, forward_losses, init_distributed, link_checkpoint,
-                             prepare_run_folder, read_checkpoint, seed_everything, train_loop)
+from stages.settings import FinetuneConfig
+from stages.training import (config_dict, forward_losses, init_distributed, link_checkpoint, prepare_run_folder,
+                             read_checkpoint, seed_everything, train_loop)
 
 log = logging.getLogger(__name__)
 PRETRAIN_ONLY = ("prompt",)  # checkpoint entries that fine-tuning never loads
-
-
-@dataclass(kw_only=True)
-class FinetuneConfig(LoopConfig):
-    """`sp finetune`'s settings: the training loop's (epochs, batch size, schedule, checkpoints, ...) and these."""
-    train_ann: Path
-    train_images: Path
-    val_ann: Path
-    val_images: Path
-    model: str = "knet"  # a query model of models.build.QUERY_MODELS (knet, mask2former, ...) or "maskrcnn"
-    small: bool = False  # CPU-sized heads for smoke runs and the demo (the backbone is `backbone`)
-    backbone: str = GenerationSettings.backbone  # the pseudo masks' (a pre-trained model was built on it)
-    init: Path | None = None  # a `sp pretrain` checkpoint of the same model
-    backbone_weights: Path | None = None
-    epochs: int = 48
-    repeat: int = 1  # passes over the labeled images per epoch (the reference's RepeatDataset)
-    lr: float | None = None  # default: 1e-4 (query models, AdamW) or 0.02 (Mask R-CNN, SGD)
-    weight_decay: float | None = None  # default: 0.05 (query models) or 1e-4 (Mask R-CNN)
-    backbone_lr_mult: float = 0.25  # query models
-    frozen_stages: int = 1  # backbone stem + this many stages frozen (§4.1: 1; 4 freezes the whole backbone)
-    clip_norm: float = 4.0
-    schedule: Schedule = field(default_factory=lambda: Schedule(warmup_steps=100, lr_steps=(36, 44)))
-    flip_prob: float = 0.5
-    rotate_deg: float = 0.0  # §4.1 uses 9 (applied to half of the images)
-    image_size: int = 800
-    max_size: int = 1333
-    mask_threshold: float | None = None  # query models' test-time mask threshold (None: the model's, K-Net 0.3)
-    max_per_image: int = 100
-    eval_every: int = 1
-    eval_at: tuple[int, ...] = ()  # evaluate after these epochs (and the last) instead of every eval_every
-    device: str = "cpu"
-    class_agnostic: bool = False  # all categories merged into one ('fg') for training and evaluation
-    skip_bad: bool = False  # leave out (and list in skipped.json) the images and annotations the check names
-    decode_images: bool = False  # the up-front check decodes every image, not just headers and file ends
 
 
 def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:

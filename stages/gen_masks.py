@@ -15,7 +15,6 @@ import math
 import queue
 import threading
 import zlib
-from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -27,56 +26,14 @@ from tqdm import tqdm
 
 from models.backbone import build_backbone
 from models.backbone_weights import file_sha256
-from models.mask_refinement import RefineConfig, superpixels
-from models.saliency import SaliencyConfig, image_masks, kept_maps, mask_boxes, select_candidates
+from models.mask_refinement import superpixels
+from models.saliency import image_masks, kept_maps, mask_boxes, select_candidates
 from stages.image_data import Batch, ImageFolder, batch_loader, list_images
+from stages.settings import GenerationSettings, RunOptions
 from store import rle
 from store.pseudo_label_store import DONE, SKIPPED, ImageResult, PseudoLabelStore
 
 log = logging.getLogger(__name__)
-METHODS = ("saliency", "random")
-
-
-@dataclass
-class GenerationSettings:
-    """Everything that changes the masks. Its hash names the store (see `settings_hash`)."""
-
-    method: str = "saliency"
-    # ImageNet weights that install with the project (no ResNet weights ship); also the default backbone of every
-    # model (PretrainConfig, FinetuneConfig), since the stored seed features come from it
-    backbone: str = "efficientnet_lite0"
-    backbone_weights_sha256: str | None = None  # None: random init from torch.manual_seed(init_seed)
-    init_seed: int = 0
-    image_size: int = 800  # short side of the backbone input
-    max_size: int = 1333  # cap on the long side
-    mask_threshold: float = 0.5  # on the upsampled soft map
-    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
-    refine: RefineConfig = field(default_factory=RefineConfig)  # saliency masks only
-    random_boxes: int = 20  # --method random: boxes per image
-    random_seed: int = 0
-    source_sha256: str | None = None  # method "import": the imported JSON
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["saliency"]["seed_pools"] = list(d["saliency"]["seed_pools"])
-        # "none" is left out: the paper's generator keeps the settings, hash and stores it had before refinement
-        # existed (issue 20); any other refinement is recorded with the settings of its method.
-        del d["refine"]
-        if self.refine.method != "none":
-            d["refine"] = self.refine.to_dict()
-        return d
-
-
-@dataclass
-class RunOptions:
-    """How to run; none of these change the masks (except batch composition at image borders)."""
-
-    batch_size: int = 8
-    workers: int = 2
-    device: str = "cpu"
-    shard: tuple[int, int] | None = None  # (index, count)
-    limit: int | None = None
-    commit_images: int = 32  # commit to the store every this many images (a crash loses at most these)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -15,10 +15,8 @@ seed, the epoch and the step.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,66 +24,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models.backbone_weights import weights_record
 from models.build import build_query_model, model_kind
-from models.knet import KNetConfig
 from models.maskrcnn import MaskRCNNConfig, build_maskrcnn_adapter, maskrcnn_optimizer
-from models.saliency_prompt import PromptConfig, SaliencyPrompt
+from models.saliency_prompt import SaliencyPrompt
 from stages.finetune import maskrcnn_losses
-from stages.gen_masks import GenerationSettings
 from stages.pseudo_label_data import PseudoLabelDataset, collate_training
-from stages.training import (LoopConfig, config_dict, forward_losses, init_distributed, prepare_run_folder,
-                             seed_everything, train_loop)
+from stages.settings import MASKRCNN_DEFAULTS, QUERY_MODEL_DEFAULTS, PretrainConfig  # noqa: F401 (the defaults too)
+from stages.training import (config_dict, forward_losses, init_distributed, prepare_run_folder, seed_everything,
+                             train_loop)
 
 log = logging.getLogger(__name__)
-
-
-# The settings whose default depends on the model (None in PretrainConfig: the model's). Query models: the
-# paper's AdamW, cosine prompts and kernel supervision. Mask R-CNN: SGD (momentum 0.9) as CutLER pre-trains and
-# as this project fine-tunes it, at the fine-tuning's rate for 4 images per step (lr 0.01: CutLER's base rate, and
-# the one chosen for Mask R-CNN on held-apart photos), CutLER's weight decay and DropLoss IoU threshold; no
-# prompts and no kernel supervision (it has no queries). docs/maskrcnn_pretraining.md explains each choice.
-QUERY_MODEL_DEFAULTS = dict(lr=1e-4, weight_decay=0.05, prompt=PromptConfig(), kernel_loss_weight=1.0)
-MASKRCNN_DEFAULTS = dict(lr=0.01, weight_decay=5e-5, prompt=PromptConfig(mode="none"), kernel_loss_weight=0.0,
-                         drop_loss=True, drop_loss_iou=0.01)
-
-
-@dataclass(kw_only=True)
-class PretrainConfig(LoopConfig):
-    """`sp pretrain`'s settings: the training loop's (epochs, batch size, schedule, checkpoints, ...) and these.
-    A None below is the model's default (QUERY_MODEL_DEFAULTS or MASKRCNN_DEFAULTS), set on construction."""
-    store: Path
-    images: Path
-    # any model's config; by default K-Net on the pseudo masks' backbone (the stored seed features are its)
-    model: object = field(default_factory=lambda: KNetConfig(backbone=GenerationSettings.backbone, num_classes=1,
-                                                             frozen_stages=4))
-    backbone_weights: Path | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    prompt: PromptConfig | None = None  # query models only (Mask R-CNN: mode none)
-    kernel_loss_weight: float | None = None  # query models only (Mask R-CNN: 0)
-    drop_loss: bool | None = None  # Mask R-CNN only: CutLER's DropLoss on the RoI classifier
-    drop_loss_iou: float | None = None  # Mask R-CNN only: DropLoss's IoU threshold
-    image_size: int = 800
-    max_size: int = 1333
-    flip_prob: float = 0.5
-    device: str = "cpu"
-    keep_every: int = 1  # keep epoch_NNN.pth every N epochs (0: last and final only)
-
-    def __post_init__(self) -> None:
-        mask_rcnn = isinstance(self.model, MaskRCNNConfig)
-        for name, default in (MASKRCNN_DEFAULTS if mask_rcnn else QUERY_MODEL_DEFAULTS).items():
-            if getattr(self, name) is None:
-                setattr(self, name, copy.copy(default))  # a PromptConfig of its own
-        if mask_rcnn and (self.prompt.mode != "none" or self.kernel_loss_weight != 0):
-            raise ValueError(f"Mask R-CNN has no queries to prompt or supervise (got prompts {self.prompt}, kernel "
-                             f"loss weight {self.kernel_loss_weight:g}): prompts and kernel supervision are for the "
-                             "query models (knet, mask2former, queryinst); leave --prompt, --prompt-drop and "
-                             "--kernel-loss-weight out, or pass --prompt none --kernel-loss-weight 0")
-        if not mask_rcnn and (self.drop_loss is not None or self.drop_loss_iou is not None):
-            raise ValueError("--drop-loss / --drop-loss-iou are Mask R-CNN's (DropLoss weights its RoI "
-                             f"classifier's loss); {model_kind(self.model)} has no RoI classifier")
-        if mask_rcnn and not self.drop_loss and self.drop_loss_iou != MASKRCNN_DEFAULTS["drop_loss_iou"]:
-            raise ValueError(f"--drop-loss-iou {self.drop_loss_iou:g} is DropLoss's threshold, and --no-drop-loss "
-                             "turns DropLoss off: give one of them")
 
 
 def training_step(model, prompt: SaliencyPrompt | None, batch: dict, cfg: PretrainConfig, step: int, device: str):

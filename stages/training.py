@@ -12,7 +12,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,24 +23,9 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from stages.code_version import code_version
+from stages.settings import LoopConfig, Schedule  # noqa: F401 (Schedule: its users import it from here too)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Schedule:
-    """Linear warm-up from lr × warmup_ratio over `warmup_steps`, then × gamma at each epoch in `lr_steps`."""
-
-    warmup_steps: int = 1000
-    lr_steps: tuple[int, ...] = (8, 11)
-    gamma: float = 0.1
-    warmup_ratio: float = 0.001
-
-    def factor(self, step: int, epoch: int) -> float:
-        decay = self.gamma ** sum(epoch >= e for e in self.lr_steps)
-        if step < self.warmup_steps:
-            return decay * (self.warmup_ratio + (1 - self.warmup_ratio) * step / self.warmup_steps)
-        return decay
 
 
 def config_dict(cfg) -> dict:
@@ -284,23 +269,6 @@ class EpochSampler(Sampler):
 
     def __len__(self):
         return (self.batches_per_epoch() - self.start_batch) * self.batch_size
-
-
-@dataclass
-class LoopConfig:
-    """What `train_loop` needs; `PretrainConfig` and `FinetuneConfig` extend it with their stage's settings."""
-    out: Path
-    epochs: int = 12
-    batch_size: int = 2
-    workers: int = 2
-    seed: int = 0
-    clip_norm: float = 1.0
-    schedule: Schedule = field(default_factory=Schedule)
-    log_every: int = 10
-    checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
-    keep_every: int = 0  # also keep epoch_NNN.pth every this many epochs (0: only last/final)
-    resume: bool = False  # continue the run in `out` (same settings: see prepare_run_folder)
-    overwrite: bool = False  # replace a run in `out` that cannot be resumed
 
 
 def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,

@@ -1,5 +1,8 @@
-"""The CLI: errors name the bad input and exit with status 2; the commands chain as README shows."""
+"""The CLI: errors name the bad input and exit with status 2; the commands chain as README shows; it starts
+without importing torch."""
 import json
+import subprocess
+import sys
 
 from typer.testing import CliRunner
 
@@ -72,3 +75,19 @@ def test_image_list_selects_images_and_names_missing_ones(demo, tmp_path):
                                  "--image-list", str(listing), *TINY])
     assert result.exit_code == 2 and "not_there.jpg" in result.output and "list.txt" in result.output
     assert not (tmp_path / "t.zarr").exists()
+
+
+def test_the_cli_and_the_workflow_read_the_defaults_without_importing_torch():
+    """Every `sp` call and every snakemake run (the Snakefile imports pipeline.workflow_defaults) pays for what
+    these modules import: the options' defaults come from the settings dataclasses (stages/settings.py,
+    models/settings.py), which import no model library, and the commands import their stage when they run."""
+    heavy = ("torch", "torchvision", "timm", "skimage", "kornia")
+    code = ("import sys, typer\n"
+            "from pipeline.cli import app\n"
+            "from pipeline.workflow_defaults import workflow_defaults\n"
+            "workflow_defaults()\n"
+            "typer.main.get_command(app)  # every command and option, as --help shows them\n"
+            f"print(sorted(set({heavy!r}) & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -173,6 +173,7 @@ def test_the_workflow_gives_a_left_out_key_the_commands_default(tmp_path):
     full = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     stage_keys = set(workflow_defaults())
     bare = {k: v for k, v in full.items() if k not in stage_keys}
+    bare["stores"] = [store for store in full["stores"] if set(store) == {"name"}]  # not the demo's overridden ones
     commands = workflow_commands(tmp_path / "bare", bare)
     cli = typer.main.get_command(app)
     checked = {}

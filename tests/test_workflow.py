@@ -247,7 +247,7 @@ def test_config_errors_name_the_bad_entry(tmp_path, section, entry, message):
 
 def test_shards_follow_the_config(tmp_path):
     counts = job_counts(snakemake(tmp_path, "gen_masks", config={"shards": 5}))
-    assert counts["gen_masks_shard"] == 5
+    assert counts["gen_masks_shard"] == 10 and counts["merge_store"] == 2  # the demo's two stores, 5 parts each
 
 
 TINY = {"demo_data": {"dir": "demo", "num_train": 8, "num_val": 4},

@@ -2,6 +2,7 @@
 bench/README.md; each prints a markdown table and writes its JSON under --out.
 
     python bench/gen_masks.py loop       # the device loop against the backbone alone, stage by stage
+    python bench/gen_masks.py loop --busy-neighbour --refine none   # ... with a loader worker busy on the other core
     python bench/gen_masks.py command    # the whole command: --refine none / superpixel x --workers 0 / 1 / 2
     python bench/gen_masks.py loader     # CPU seconds per image of the loader workers, 512 and 800 px
     python bench/gen_masks.py saliency --backbone resnet50 --weights none   # Eq. 3-4 against a per-seed loop
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import queue
 import shutil
 import sys
@@ -76,25 +78,23 @@ def timed_steps(totals: dict, sync):
             setattr(module, name, fn)
 
 
-def device_loop(batches, backbone, settings, device, sync) -> tuple[tuple[float, float], queue.SimpleQueue]:
-    """`generate`'s loop without the loader and the writer: what the device (and the thread feeding it) does
-    per batch, up to the hand-off of the batch's per-image work. Returns ((wall, CPU seconds), the hand-offs)."""
-    handoff = queue.SimpleQueue()
-    start, cpu = time.perf_counter(), time.process_time()
-    for batch in batches:
-        batch = batch.to(device)
-        handoff.put((batch, saliency_proposals(backbone(batch.images)["c5"], batch, settings)))
-    sync()
-    return (time.perf_counter() - start, time.process_time() - cpu), handoff
-
-
-def backbone_loop(batches, backbone, device, sync) -> tuple[float, float]:
-    """The same batches through the backbone alone: (wall, CPU seconds)."""
-    start, cpu = time.perf_counter(), time.process_time()
-    for batch in batches:
-        backbone(batch.to(device).images)
-    sync()
-    return time.perf_counter() - start, time.process_time() - cpu
+def interleaved_loops(batches, backbone, settings, device, sync) -> tuple[dict, queue.SimpleQueue]:
+    """`generate`'s loop without the loader and the writer (what the device, and the thread feeding it, does per
+    batch up to the hand-off of the batch's per-image work) and the backbone alone, over the same batches: each
+    batch goes through both back to back, in alternating order, so that a shared machine's drifts in speed hit
+    both alike. Returns ({"main" | "backbone_only": [wall, CPU seconds]}, the main loop's hand-offs)."""
+    seconds, handoff = {"main": [0.0, 0.0], "backbone_only": [0.0, 0.0]}, queue.SimpleQueue()
+    for i, batch in enumerate(batches):
+        for which in ("main", "backbone_only") if i % 2 else ("backbone_only", "main"):
+            start, cpu = time.perf_counter(), time.process_time()
+            on_device = batch.to(device)
+            c5 = backbone(on_device.images)["c5"]
+            if which == "main":
+                handoff.put((on_device, saliency_proposals(c5, on_device, settings)))
+            sync()
+            seconds[which][0] += time.perf_counter() - start
+            seconds[which][1] += time.process_time() - cpu
+    return seconds, handoff
 
 
 def writer_work(handoff: queue.SimpleQueue, sync) -> dict:
@@ -115,30 +115,61 @@ def writer_work(handoff: queue.SimpleQueue, sync) -> dict:
     return t
 
 
+def keep_loading(images: Path, names: list[str], settings, stop) -> None:
+    """A loader worker's work (decoding, resizing, segments) over and over until `stop` is set."""
+    torch.set_num_threads(1)
+    folder = image_folder(images, names, settings)
+    while not stop.is_set():
+        for k in range(len(folder)):
+            if stop.is_set():
+                return
+            folder[k]
+
+
+@contextmanager
+def busy_neighbour(args, names):
+    """With --busy-neighbour, a process doing a `--refine superpixel` loader worker's work on the other core for the
+    duration: what the main loop shares the machine with in the whole command at --workers 1."""
+    if not args.busy_neighbour:
+        yield
+        return
+    stop = multiprocessing.Event()
+    worker = multiprocessing.Process(target=keep_loading, args=(args.images, names, settings_for(args, "superpixel"),
+                                                                stop))
+    worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join()
+
+
 def loop(args) -> dict:
     """Main-loop time per image (decoding and writing excluded: they run in the workers and the writer thread)
-    against a backbone-only loop over the same batches, per refinement, the best of --repeats alternating runs;
-    then one instrumented pass for the per-step breakdown."""
+    against a backbone-only loop over the same batches, interleaved batch by batch, per refinement: the median of
+    --repeats; then one instrumented pass for the per-step breakdown."""
     names = list_images(args.images)[: args.count]
     backbone = build_backbone(args.backbone, resolve_backbone_weights(args.backbone, args.weights),
                               out_levels=("c5",)).to(args.device).eval()
     sync = synchronizer(args.device)
     out = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), busy_neighbour(args, names):
         for refine in args.refine:
             settings = settings_for(args, refine)
             # decoded, resized and segmented up front: that is the loader workers' part, timed by `loader`
             batches = list(batch_loader(image_folder(args.images, names, settings), args.batch_size, 0))
-            writer_work(device_loop(batches[:1], backbone, settings, args.device, sync)[1], sync)  # warm-up
-            # best (wall, CPU seconds) of each; nothing else of this process runs meanwhile, so on a CPU its CPU
-            # time is the loop's compute, less disturbed than wall time by other jobs on a shared machine
-            backbone_only, main = [float("inf")] * 2, [float("inf")] * 2
+            writer_work(interleaved_loops(batches[:1], backbone, settings, args.device, sync)[1], sync)  # warm-up
+            # each repeat's (wall, CPU seconds) of both; the repeat with the median throughput ratio is reported.
+            # Nothing else of this process runs meanwhile, so on a CPU its CPU time is the loop's compute, less
+            # disturbed than wall time by other jobs on a shared machine
+            repeats = []
             for _ in range(args.repeats):
-                seconds = backbone_loop(batches, backbone, args.device, sync)
-                backbone_only = [min(a, b) for a, b in zip(backbone_only, seconds)]
-                seconds, handoff = device_loop(batches, backbone, settings, args.device, sync)
-                main = [min(a, b) for a, b in zip(main, seconds)]
+                seconds, handoff = interleaved_loops(batches, backbone, settings, args.device, sync)
+                repeats.append((seconds["backbone_only"][0] / seconds["main"][0], seconds))
                 writer = writer_work(handoff, sync)
+            ratios = sorted(ratio for ratio, _ in repeats)
+            seconds = sorted(repeats, key=lambda r: r[0])[len(repeats) // 2][1]
+            backbone_only, main = seconds["backbone_only"], seconds["main"]
             steps = defaultdict(float)
             with timed_steps(steps, sync):
                 for batch in batches:
@@ -152,6 +183,7 @@ def loop(args) -> dict:
             out[refine] = {
                 "backbone_only_s_per_img": backbone_only[0] / n, "main_loop_s_per_img": main[0] / n,
                 "main_loop_throughput_vs_backbone_only": backbone_only[0] / main[0],
+                "throughput_ratio_of_each_repeat": ratios,
                 "cpu_s_per_img": {"backbone_only": backbone_only[1] / n, "main_loop": main[1] / n},
                 "by_cpu_time": backbone_only[1] / main[1],
                 "main_loop_steps_s_per_img": {
@@ -162,7 +194,8 @@ def loop(args) -> dict:
                 "writer_s_per_img": {k: v / n for k, v in writer.items() if k != "masks"},
                 "masks_per_img": writer["masks"] / n}
     print(f"{len(names)} photos, {args.backbone} ({args.weights}), {args.image_size} px, batch {args.batch_size}, "
-          f"{args.device}, {torch.get_num_threads()} threads\n")
+          f"{args.device}, {torch.get_num_threads()} threads"
+          + (", a superpixel loader busy beside it" if args.busy_neighbour else "") + "\n")
     print("| --refine | backbone-only s/img | main loop s/img | throughput vs backbone-only (by CPU time) | "
           "main-loop steps s/img: backbone / saliency maps / NMS + top-k / kept maps to working grid / refinement | "
           "writer s/img: full-size masks / copy to CPU / RLE |\n|---|---:|---:|---:|---|---|")
@@ -302,10 +335,14 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--refine", nargs="+", default=["none", "superpixel"])
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="command: --workers of each run")
+    parser.add_argument("--busy-neighbour", action="store_true",
+                        help="loop: run a --refine superpixel loader worker's work in another process meanwhile")
     parser.add_argument("--threads", type=int, default=1, help="command: OMP_NUM_THREADS of each run")
     parser.add_argument("--sizes", type=lambda s: tuple(int(v) for v in s.split(",")), nargs="+",
                         default=[(512, 853), (800, 1333)], help="loader: SHORT,LONG sides")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs; the best of each is kept")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="loop: the repeat with the median throughput ratio is reported; command, saliency: "
+                             "the best time of each is kept")
     parser.add_argument("--out", type=Path, default=Path("/tmp/sp-bench/gen-masks"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

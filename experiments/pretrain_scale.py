@@ -2,7 +2,9 @@
 labels against pre-training image views, per kind of pseudo label, with each pre-training's own figures, and a
 log-linear fit of AP on views for the saliency masks of the 451 COCO photos.
 
-    python experiments/pretrain_scale.py          # after (part of) snakemake ... --configfile experiments/pretrain_scale.yaml
+    python experiments/pretrain_scale.py --pretrain sp_1x=results/cache/pretrain/<run>/seed0
+    # after (part of) snakemake ... --configfile experiments/pretrain_scale.yaml; --pretrain is needed once (the
+    # record keeps it): the folder of pennfudan.yaml's sp_cosine pre-training, which sp_1x's fine-tunings used
 
 Reads results/pretrain_scale/finetune/ROW/seedS/ (eval.json, metrics.jsonl, final.pth: its `init` names the
 pre-training run) and that run's folder; evaluates each pre-trained model class-agnostically on coco_subset's val
@@ -37,6 +39,9 @@ SERIES = {
     "sp_coco_general_4x": "saliency, 451 COCO + 680 other", "sp_384px_4x": "saliency, 451 COCO photos, 384 px",
 }
 FIT_SERIES = "saliency, 451 COCO photos"
+# rows whose fine-tunings the Penn-Fudan experiment ran with the very same settings (its record has 5 seeds):
+# their seeds come from experiments/pennfudan_results.json, their pre-training folder from --pretrain
+RECORDED_IN_PENNFUDAN = {"sp_1x": "knet_sp_20"}
 LOSS_TERMS = ("loss", "s3_dice", "s3_mask", "s3_cls", "kernel")
 
 
@@ -70,12 +75,19 @@ def pretrain_figures(pre: Path, results: Path) -> dict:
             "code_version": state.get("code_version")}
 
 
-def collect(config: dict, results: Path, recorded: dict) -> dict:
+def collect(config: dict, results: Path, recorded: dict, pretrain_folders: dict) -> dict:
     """{row: {"seeds": {seed: {...}}, "pretrain": {...}}} of the rows on disk, else as recorded."""
     rows = {}
     for run in config["finetune_runs"]:
         name, seeds = run["name"], run.get("seeds", config["seeds"])
         row = recorded.get(name, {"seeds": {}, "pretrain": None})
+        if name in RECORDED_IN_PENNFUDAN:
+            runs = json.loads((REPO / "experiments" / "pennfudan_results.json").read_text())["runs"]
+            row["seeds"] = {str(seed): {"AP": r["segm"]["AP"], "AP50": r["segm"]["AP50"], "box_AP": r["bbox"]["AP"],
+                                        "code_version": r.get("code_version"), "file": r["file"]}
+                            for seed, r in enumerate(runs[RECORDED_IN_PENNFUDAN[name]])}
+        if name in pretrain_folders:
+            row["pretrain"] = pretrain_figures(pretrain_folders[name], results)
         for seed in seeds:
             folder = results / "finetune" / name / f"seed{seed}"
             if not (folder / "eval.json").exists():
@@ -173,11 +185,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=REPO / "results" / "pretrain_scale")
     parser.add_argument("--record", type=Path, default=REPO / "experiments" / "pretrain_scale_results.json")
+    parser.add_argument("--pretrain", action="append", default=[], metavar="ROW=FOLDER",
+                        type=lambda text: (text.split("=", 1)[0], Path(text.split("=", 1)[1])),
+                        help="the pre-training folder (with final.pth) of a row whose fine-tunings ran elsewhere: "
+                             + ", ".join(RECORDED_IN_PENNFUDAN))
     args = parser.parse_args()
     config = yaml.safe_load((REPO / "experiments" / "pretrain_scale.yaml").read_text())
     config["seeds"] = config.get("seeds", [0, 1, 2])
     recorded = json.loads(args.record.read_text())["rows"] if args.record.exists() else {}
-    rows = collect(config, args.results, recorded)
+    rows = collect(config, args.results, recorded, dict(args.pretrain))
     target, _ = baseline("maskrcnn_20")
     fit = crossing(rows, target)
     args.record.write_text(json.dumps({"rows": rows, "fit": fit}, indent=2))

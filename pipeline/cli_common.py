@@ -85,6 +85,8 @@ MaxSize = Annotated[int, typer.Option(help="Cap on the long side of the backbone
 BatchSize = Annotated[int, typer.Option(min=1, help="Images per backbone batch.")]
 Workers = Annotated[int, typer.Option(min=0, help="DataLoader processes decoding images.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda when available).")]
+LogEvery = Annotated[int, typer.Option(help="Steps between metrics records.")]
+CheckpointEvery = Annotated[int, typer.Option(help="Also checkpoint every N steps (0: per epoch only).")]
 FinetuneCheckpoint = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A `sp finetune` checkpoint.")]
 SkipBad = Annotated[bool, typer.Option(help="Leave out the images and annotations that the up-front check of the "
                                        "labels finds bad, and list them (with why) in the output, instead of stopping.")]

@@ -9,9 +9,10 @@ from typing import Annotated, Optional
 import typer
 
 from models.settings import MaskRCNNConfig, PromptConfig, model_kind
-from pipeline.cli_common import (DEFAULT_BACKBONE_WEIGHTS, Backbone, BackboneWeights, BatchSize, DecodeImages, Device,
-                                 FinetuneCheckpoint, ImageSize, MaxSize, Overwrite, SkipBad, Workers, app,
-                                 backbone_weights_path, fail, resolve_device, settings_defaults)
+from pipeline.cli_common import (DEFAULT_BACKBONE_WEIGHTS, Backbone, BackboneWeights, BatchSize, CheckpointEvery,
+                                 DecodeImages, Device, FinetuneCheckpoint, ImageSize, LogEvery, MaxSize, Overwrite,
+                                 SkipBad, Workers, app, backbone_weights_path, fail, resolve_device,
+                                 settings_defaults)
 from stages.settings import MASKRCNN_DEFAULTS, QUERY_MODEL_DEFAULTS, FinetuneConfig, PretrainConfig, Schedule
 
 # The options' defaults are the stages' (docs/defaults.md): `sp pretrain` and `sp finetune` with only their paths
@@ -94,9 +95,8 @@ def pretrain_cmd(
     workers: Workers = PRE.workers,
     device: Device = "auto",
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order, flips and prompt dropout.")] = PRE.seed,
-    log_every: Annotated[int, typer.Option(help="Steps between metrics records.")] = PRE.log_every,
-    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: per epoch "
-                                                  "only).")] = PRE.checkpoint_every,
+    log_every: LogEvery = PRE.log_every,
+    checkpoint_every: CheckpointEvery = PRE.checkpoint_every,
     keep_every: Annotated[int, typer.Option(help="Keep epoch_NNN.pth every N epochs (0: last.pth and final.pth "
                                             "only).")] = PRE.keep_every,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth exactly where it stopped (a run with "
@@ -191,9 +191,8 @@ def finetune_cmd(
     workers: Workers = FT.workers,
     device: Device = "auto",
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and augmentation.")] = FT.seed,
-    log_every: Annotated[int, typer.Option(help="Steps between metrics records.")] = FT.log_every,
-    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: per epoch "
-                                                  "only).")] = FT.checkpoint_every,
+    log_every: LogEvery = FT.log_every,
+    checkpoint_every: CheckpointEvery = FT.checkpoint_every,
     keep_every: Annotated[int, typer.Option(help="Keep epoch_NNN.pth every N epochs (0: last, best and final "
                                             "only).")] = FT.keep_every,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pth exactly where it stopped (a run with "

@@ -37,6 +37,7 @@ from models.mask_refinement import RefineConfig  # noqa: E402
 from models.saliency import SaliencyConfig, saliency_maps, select_candidates  # noqa: E402
 from stages.gen_masks import GenerationSettings, image_folder, saliency_proposals, to_results  # noqa: E402
 from stages.image_data import batch_loader, list_images  # noqa: E402
+from stages.code_version import code_version  # noqa: E402
 from store import rle  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
@@ -347,6 +348,7 @@ def main():
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"loop": loop, "command": command, "loader": loader, "saliency": saliency}[args.figure](args)
+    result["code_version"] = code_version()
     (args.out / f"{args.figure}.json").write_text(json.dumps(result, indent=2))
 
 

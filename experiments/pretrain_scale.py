@@ -2,9 +2,7 @@
 labels against pre-training image views, per kind of pseudo label, with each pre-training's own figures, and a
 log-linear fit of AP on views for the saliency masks of the 451 COCO photos.
 
-    python experiments/pretrain_scale.py --pretrain sp_1x=results/cache/pretrain/<run>/seed0
-    # after (part of) snakemake ... --configfile experiments/pretrain_scale.yaml; --pretrain is needed once (the
-    # record keeps it): the folder of pennfudan.yaml's sp_cosine pre-training, which sp_1x's fine-tunings used
+    python experiments/pretrain_scale.py    # after (part of) snakemake ... --configfile experiments/pretrain_scale.yaml
 
 Reads results/pretrain_scale/finetune/ROW/seedS/ (eval.json, metrics.jsonl, final.pth: its `init` names the
 pre-training run) and that run's folder; evaluates each pre-trained model class-agnostically on coco_subset's val
@@ -40,8 +38,11 @@ SERIES = {
 }
 FIT_SERIES = "saliency, 451 COCO photos"
 # rows whose fine-tunings the Penn-Fudan experiment ran with the very same settings (its record has 5 seeds):
-# their seeds come from experiments/pennfudan_results.json, their pre-training folder from --pretrain
-RECORDED_IN_PENNFUDAN = {"sp_1x": "knet_sp_20"}
+# their seeds come from experiments/pennfudan_results.json, and their pre-training's figures from its folder where
+# --pretrain gives it, else only what its settings fix (experiments/coco_pretraining.yaml: sp_cosine, 8 epochs of
+# the 451 photos, batch 4, 256 px)
+RECORDED_IN_PENNFUDAN = {"sp_1x": ("knet_sp_20", {"run": "sp_cosine", "photos": 451, "steps": 904, "batch_size": 4,
+                                                  "views": 3616, "image_size": 256, "epochs": 8})}
 LOSS_TERMS = ("loss", "s3_dice", "s3_mask", "s3_cls", "kernel")
 
 
@@ -85,7 +86,8 @@ def collect(config: dict, results: Path, recorded: dict, pretrain_folders: dict)
             runs = json.loads((REPO / "experiments" / "pennfudan_results.json").read_text())["runs"]
             row["seeds"] = {str(seed): {"AP": r["segm"]["AP"], "AP50": r["segm"]["AP50"], "box_AP": r["bbox"]["AP"],
                                         "code_version": r.get("code_version"), "file": r["file"]}
-                            for seed, r in enumerate(runs[RECORDED_IN_PENNFUDAN[name]])}
+                            for seed, r in enumerate(runs[RECORDED_IN_PENNFUDAN[name][0]])}
+            row["pretrain"] = row["pretrain"] or RECORDED_IN_PENNFUDAN[name][1]
         if name in pretrain_folders:
             row["pretrain"] = pretrain_figures(pretrain_folders[name], results)
         for seed in seeds:
@@ -121,16 +123,18 @@ def crossing(rows: dict, target: float, boots: int = 2000) -> dict | None:
             levels[row["pretrain"]["views"]] = [s["AP"] for s in row["seeds"].values()]
     if len(levels) < 2:
         return None
+    def views_at(a: float, b: float) -> float:  # inf where the fit never gets there (or beyond 1e30 views)
+        return 10 ** ((target - a) / b) if b > 0 and (target - a) / b < 30 else math.inf
+
     points = [(v, ap) for v, aps in levels.items() for ap in aps]
     a, b, r2 = log_fit(points)
     rng, found = np.random.default_rng(0), []
     for _ in range(boots):
         sample = [(v, ap) for v, aps in levels.items() for ap in rng.choice(aps, len(aps))]
-        ba, bb, _ = log_fit(sample)
-        found.append(10 ** ((target - ba) / bb) if bb > 0 else math.inf)
-    low, mid, high = np.percentile(found, [5, 50, 95])
+        found.append(views_at(*log_fit(sample)[:2]))
+    low, mid, high = np.percentile(found, [5, 50, 95], method="nearest")  # (inf: never)
     return {"a": a, "b_per_decade": b, "r2": r2, "levels": len(levels), "points": len(points), "target_AP": target,
-            "views_at_target": 10 ** ((target - a) / b) if b > 0 else math.inf,
+            "views_at_target": views_at(a, b),
             "bootstrap_views_5_50_95": [float(low), float(mid), float(high)],
             "bootstrap_never": float(np.mean(np.isinf(found)))}
 
@@ -163,21 +167,26 @@ def chart(rows: dict, fit: dict | None, out: Path) -> None:
     ax.set_xlabel("pre-training image views (steps × batch)")
     ax.set_ylabel("mask AP (%), 20 labels, Penn-Fudan val")
     ax.set_title("K-Net SP: fine-tuned mask AP against pre-training views (mean ± sd over seeds)")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.legend(fontsize=7, loc="center right")
     save(fig, out)
 
 
 def table(rows: dict) -> str:
+    def number(value, spec: str) -> str:  # "–" for a figure this machine could not measure
+        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
     lines = ["| row | pseudo labels | photos | views | steps | px | wall min | CPU min | last loss (Dice s3) | "
              "own mask AP, COCO val | seeds | mask AP (20 labels) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
         p, aps = row["pretrain"], [s["AP"] for s in row["seeds"].values()]
         m, sd = mean_sd(aps)
+        losses, own = p.get("last_losses", {}), p.get("coco_val_agnostic", {})
         lines.append(f"| {name} | {SERIES.get(name, '')} | {p['photos']} | {p['views']:,} | {p['steps']:,} | "
-                     f"{p['image_size']} | {p['wall_min']:.0f} | {p['cpu_min']:.0f} | {p['last_losses']['loss']:.2f} "
-                     f"({p['last_losses'].get('s3_dice', math.nan):.2f}) | {p['coco_val_agnostic']['mask_AP']:.2f} | "
-                     f"{len(aps)} | {m:.1f}" + ("" if math.isnan(sd) else f" ± {sd:.1f}") + " |")
+                     f"{p['image_size']} | {number(p.get('wall_min'), '.0f')} | {number(p.get('cpu_min'), '.0f')} | "
+                     f"{number(losses.get('loss'), '.2f')} ({number(losses.get('s3_dice'), '.2f')}) | "
+                     f"{number(own.get('mask_AP'), '.2f')} | {len(aps)} | {m:.1f}"
+                     + ("" if math.isnan(sd) else f" ± {sd:.1f}") + " |")
     return "\n".join(lines)
 
 
@@ -187,8 +196,8 @@ def main() -> None:
     parser.add_argument("--record", type=Path, default=REPO / "experiments" / "pretrain_scale_results.json")
     parser.add_argument("--pretrain", action="append", default=[], metavar="ROW=FOLDER",
                         type=lambda text: (text.split("=", 1)[0], Path(text.split("=", 1)[1])),
-                        help="the pre-training folder (with final.pth) of a row whose fine-tunings ran elsewhere: "
-                             + ", ".join(RECORDED_IN_PENNFUDAN))
+                        help="the pre-training folder (with final.pth) of a row whose fine-tunings ran elsewhere ("
+                             + ", ".join(RECORDED_IN_PENNFUDAN) + "), for its wall and CPU time, losses and own AP")
     args = parser.parse_args()
     config = yaml.safe_load((REPO / "experiments" / "pretrain_scale.yaml").read_text())
     config["seeds"] = config.get("seeds", [0, 1, 2])

@@ -38,6 +38,10 @@ recorded() {  # recorded ROW FILE: true when the committed record has ROW's seed
   python -c "import json, os, sys; sys.exit(os.path.normpath(sys.argv[3]) not in [os.path.normpath(r['file']) for r in
              json.load(open(sys.argv[1]))['runs'].get(sys.argv[2], []) if 'file' in r])" $RECORDED $1 $2
 }
+recorded_seeds() {  # recorded_seeds ROW: the number of ROW's seeds in the committed record, empty for none
+  python -c "import json, sys; n = len(json.load(open(sys.argv[1]))['runs'].get(sys.argv[2], [])); print(n or '')" \
+    $RECORDED $1
+}
 table() {  # table OUT ROW...: sp table of the ROWs whose every seed finished here or is recorded -> $RES/OUT.*
   local out=$1 E="" N="" M="" R="" r s f missing; shift
   for r in "$@"; do
@@ -47,7 +51,8 @@ table() {  # table OUT ROW...: sp table of the ROWs whose every seed finished he
       if [ -f $f ]; then e="$e $f"; n="$n,$r"; m="$m --metrics $RES/finetune/$r/seed$s/metrics.jsonl"
       elif ! recorded $r $f; then missing="$missing $s"; fi
     done
-    if [ -n "$missing" ] && [ -n "${PARTIAL:-}" ]; then echo "$r: without seeds$missing (PARTIAL)" >&2
+    if [ -n "$missing" ] && [ -n "${PARTIAL:-}" ] && [ -n "$e$(recorded_seeds $r)" ]; then
+      echo "$r: without seeds$missing (PARTIAL)" >&2
     elif [ -n "$missing" ]; then echo "left out (seeds neither finished nor recorded:$missing): $r" >&2; continue; fi
     E="$E$e"; N="$N$n"; M="$M$m"; R="$R,$r"
   done

@@ -8,24 +8,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."  # the repository root; needs `sp` on PAT
 RECORDED=$(mktemp --suffix .json)  # the committed record, read before the calling script rewrites it
 cp $RECORD $RECORDED
 
-# the config with the files it extends laid under it (dicts merge key by key, other values are replaced)
-flat_config() {
-  python -c "
-import json, sys, yaml
-def merged(base, over):
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-def load(path):
-    own = yaml.safe_load(open(path)); bases = own.pop('extends', [])
-    config = {}
-    for base in [bases] if isinstance(bases, str) else bases:
-        config = merged(config, load(base))
-    return merged(config, own)
-print(json.dumps(load(sys.argv[1])))" $CONFIG
-}
-CONFIG_JSON=$(flat_config)
+# the config with the files it extends laid under it (as the Snakefile lays them)
+CONFIG_JSON=$(python -c "import json, sys; from pipeline.workflow_defaults import layered_config
+print(json.dumps(layered_config(sys.argv[1])))" $CONFIG)
 RES=$(python -c "import json, sys; print(json.loads(sys.argv[1])['results'])" "$CONFIG_JSON")
 # "ROW SEED..." for every fine-tuning run of the config, in its order
 RUNS=$(python -c "

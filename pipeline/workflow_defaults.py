@@ -7,6 +7,10 @@ their stores and runs (docs/defaults.md).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
+
 from pipeline.cli_common import DEFAULT_BACKBONE_WEIGHTS, settings_defaults
 from stages.settings import FinetuneConfig, GenerationSettings, PretrainConfig, RunOptions
 
@@ -39,3 +43,23 @@ def workflow_defaults() -> dict:
         "finetune_frozen_stages": ft.frozen_stages,
         "finetune_eval_at": list(ft.eval_at),
     }
+
+
+def merged(base: dict, over: dict) -> dict:
+    """Snakemake's layering of config files: dicts merge key by key, every other value is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def layered_config(path: str | Path) -> dict:
+    """A config file with the files it `extends` laid under it, as the Snakefile reads it (without config.yaml and
+    the stage defaults): each base is found relative to the working directory, else to this repository."""
+    own = yaml.safe_load(Path(path).read_text()) or {}
+    bases = own.pop("extends", None) or []
+    config = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        found = Path(base) if Path(base).exists() else Path(__file__).resolve().parents[1] / base
+        config = merged(config, layered_config(found))
+    return merged(config, own)

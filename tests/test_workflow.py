@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.workflow_defaults import layered_config
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or shutil.which("snakemake")
 
@@ -31,23 +33,10 @@ PATH_KEYS = ("unlabeled_images", "unlabeled_list", "unlabeled_gt", "import_ann",
              "val_images")
 
 
-def merged(base: dict, over: dict) -> dict:
-    """Snakemake's layering of config files: dicts merge key by key, every other value is replaced."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def experiment(name: str) -> dict:
     """experiments/NAME.yaml with the files it extends laid under it and its data paths made absolute, for a
     workflow run in another folder."""
-    own = yaml.safe_load((REPO / "experiments" / f"{name}.yaml").read_text())
-    bases = own.pop("extends", [])
-    config = {}
-    for base in [bases] if isinstance(bases, str) else bases:
-        config = merged(config, experiment(Path(base).stem))
-    config = merged(config, own)
+    config = layered_config(REPO / "experiments" / f"{name}.yaml")
 
     def absolute(entry: dict) -> dict:
         return {k: str((REPO / v).resolve()) if k in PATH_KEYS and v else v for k, v in entry.items()}

@@ -138,8 +138,8 @@ for name, over in named("pretrain_runs", ["store", "model", *PRETRAIN_KEYS, *MAS
     PRETRAIN_OF[name] = f"{store}-{settings_hash(settings)}"
     PRETRAIN_SETTINGS[PRETRAIN_OF[name]] = dict(settings, store=store, model=PRETRAIN_MODEL[name])
 
-RUNS = named("finetune_runs", ["model", "init", "percent", "class_agnostic", "lr", "frozen_stages", "repeat", "seeds",
-                                "epochs", "lr_steps"])
+RUNS = named("finetune_runs", ["model", "init", "init_reset", "percent", "class_agnostic", "lr", "frozen_stages",
+                                "repeat", "seeds", "epochs", "lr_steps"])
 RUN_SEEDS = {name: [int(s) for s in run.get("seeds", SEEDS)] for name, run in RUNS.items()}  # a run's own seeds
 for name, run in RUNS.items():
     if run.get("init") and run["init"] not in PRETRAIN_OF:
@@ -239,6 +239,7 @@ def finetune_cmd(w, input):
             + flags(model=run["model"], class_agnostic=truthy(run.get("class_agnostic", False)), lr=run.get("lr"),
                     frozen_stages=run.get("frozen_stages", config["finetune_frozen_stages"]),
                     repeat=run.get("repeat", ""), eval_at=config["finetune_eval_at"], small=truthy(config["small_models"]), init=input.init or "",
+                    init_reset=run.get("init_reset", []),
                     backbone=BACKBONE, backbone_weights=WEIGHTS, epochs=run.get("epochs", config["finetune_epochs"]),
                     batch_size=config["finetune_batch_size"],
                     lr_steps=run.get("lr_steps", config["finetune_lr_steps"]), warmup_steps=config["finetune_warmup_steps"],

@@ -23,3 +23,13 @@ for budget in 10 20 80; do
   table curves_$budget maskrcnn_$budget maskrcnn_saliency_$budget
   [ ! -f $RES/curves_${budget}_curves.png ] || cp $RES/curves_${budget}_curves.png experiments/maskrcnn_sp_curves_$budget.png
 done
+# the pre-trained detectors themselves, class-agnostic on Penn-Fudan val before any fine-tuning (pretrain_evals:
+# results/maskrcnn_sp/eval_pretrain/RUN/seed0.json), the evaluations recorded in the committed file kept
+PRETRAINED=experiments/maskrcnn_sp_pretrained.json
+E="" N=""
+for f in $RES/eval_pretrain/*/seed0.json; do
+  [ -f $f ] && E="$E $f" && N="$N,$(basename $(dirname $f))"
+done
+[ -z "$E" ] || sp table $E --names ${N#,} --decimals 2 --out $RES/results_pretrained \
+  $([ -f $PRETRAINED ] && echo --include $PRETRAINED) "${TABLE_FLAGS[@]}" > /dev/null
+[ -z "$E" ] || { cp $RES/results_pretrained.md experiments/maskrcnn_sp_pretrained.md; cp $RES/results_pretrained.json $PRETRAINED; }

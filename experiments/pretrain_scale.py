@@ -31,7 +31,9 @@ COCO_VAL = REPO.parent / "shared" / "datasets" / "coco_subset" / "val"
 # row -> (series, what it varies); a series is one line of the chart
 SERIES = {
     "sp_1x": "saliency, 451 COCO photos", "sp_4x": "saliency, 451 COCO photos", "sp_16x": "saliency, 451 COCO photos",
+    "sp_random_1x": "random boxes, 451 COCO photos",
     "sp_train310_saliency_4x": "saliency, 310 photos", "sp_train310_random_4x": "random boxes, 310 photos",
+    "sp_train310_random_1x": "random boxes, 310 photos", "sp_train310_ground_truth_1x": "ground truth, 310 photos",
     "sp_train310_refined_4x": "refined saliency, 310 photos", "sp_train310_ground_truth_4x": "ground truth, 310 photos",
     "sp_all_photos_4x": "saliency, 2,020 photos", "sp_coco_camvid_4x": "saliency, 451 COCO + 680 CamVid",
     "sp_coco_general_4x": "saliency, 451 COCO + 680 other", "sp_384px_4x": "saliency, 451 COCO photos, 384 px",
@@ -41,8 +43,11 @@ FIT_SERIES = "saliency, 451 COCO photos"
 # their seeds come from experiments/pennfudan_results.json, and their pre-training's figures from its folder where
 # --pretrain gives it, else only what its settings fix (experiments/coco_pretraining.yaml: sp_cosine, 8 epochs of
 # the 451 photos, batch 4, 256 px)
-RECORDED_IN_PENNFUDAN = {"sp_1x": ("knet_sp_20", {"run": "sp_cosine", "photos": 451, "steps": 904, "batch_size": 4,
-                                                  "views": 3616, "image_size": 256, "epochs": 8})}
+RECORDED_IN_PENNFUDAN = {
+    "sp_1x": ("knet_sp_20", {"run": "sp_cosine", "photos": 451, "steps": 904, "batch_size": 4, "views": 3616,
+                             "image_size": 256, "epochs": 8}),
+    "sp_random_1x": ("knet_sp_random_proposals_20", {"run": "sp_random_proposals", "photos": 451, "steps": 904,
+                                                     "batch_size": 4, "views": 3616, "image_size": 256, "epochs": 8})}
 LOSS_TERMS = ("loss", "s3_dice", "s3_mask", "s3_cls", "kernel")
 
 

@@ -157,6 +157,11 @@ def finetune_cmd(
                                                  "class-specific layers (classifier; Mask R-CNN: box and mask "
                                                  "predictors) are rebuilt for these categories where their number "
                                                  "differs, prompt modules are dropped.")] = FT.init,
+    init_reset: Annotated[Optional[list[str]], typer.Option(help="A tensor-name prefix whose tensors keep their fresh "
+                                                            "initialisation instead of --init's (repeat the option), "
+                                                            "e.g. model.roi_heads.box_predictor for Mask R-CNN's box "
+                                                            "classifier and regressor: the last layers a fine-tuning "
+                                                            "to other classes gets new.")] = list(FT.init_reset) or None,
     backbone_weights: BackboneWeights = DEFAULT_BACKBONE_WEIGHTS,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (the paper: 48 on COCO 10 %).")] = FT.epochs,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step and process.")] = FT.batch_size,
@@ -212,7 +217,7 @@ def finetune_cmd(
 
     cfg = FinetuneConfig(
         train_ann=train_ann, train_images=train_images, val_ann=val_ann, val_images=val_images, out=out,
-        model=model.value, small=small, backbone=backbone, init=init,
+        model=model.value, small=small, backbone=backbone, init=init, init_reset=tuple(init_reset or ()),
         backbone_weights=backbone_weights_path(backbone, backbone_weights),
         epochs=epochs, batch_size=batch_size, repeat=repeat, lr=lr, weight_decay=weight_decay,
         schedule=Schedule(warmup_steps=warmup_steps, lr_steps=tuple(lr_steps)), clip_norm=clip_norm,

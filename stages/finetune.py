@@ -34,13 +34,21 @@ log = logging.getLogger(__name__)
 PRETRAIN_ONLY = ("prompt",)  # checkpoint entries that fine-tuning never loads
 
 
-def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    """Copy every tensor whose name and shape match; report what was loaded, what kept its fresh
-    initialisation (shape differs, e.g. a classifier for other classes, or absent from the checkpoint), and
-    what the checkpoint had that the model does not use."""
+def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor], reset: tuple[str, ...] = ()
+                     ) -> dict[str, list[str]]:
+    """Copy every tensor whose name and shape match, except those under a `reset` prefix; report what was loaded,
+    what kept its fresh initialisation (shape differs, e.g. a classifier for other classes, absent from the
+    checkpoint, or reset), and what the checkpoint had that the model does not use."""
     own = model.state_dict()
-    loaded = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
-    reinitialised = sorted([k for k, v in state.items() if k in own and own[k].shape != v.shape] +
+    for prefix in reset:
+        if not any(k.startswith(prefix) for k in own):
+            parent = prefix.rpartition(".")[0]  # the tensors beside the misspelt name
+            near = [k for k in own if k.startswith(parent)]
+            raise ValueError(f"--init-reset {prefix} names no tensor of this model (its tensors under "
+                             f"{parent or 'the root'}: {', '.join(near[:12])}{', ...' if len(near) > 12 else ''})")
+    is_reset = lambda k: k.startswith(tuple(reset))
+    loaded = [k for k, v in state.items() if k in own and own[k].shape == v.shape and not is_reset(k)]
+    reinitialised = sorted([k for k, v in state.items() if k in own and (own[k].shape != v.shape or is_reset(k))] +
                            [k for k in own if k not in state])
     ignored = sorted(k for k in state if k not in own)
     model.load_state_dict({**own, **{k: state[k] for k in loaded}})
@@ -54,8 +62,9 @@ FREE_MODEL_SETTINGS = {"num_classes", "frozen_stages", "norm_eval", "mask_thresh
                        "min_size", "max_size", "mask_threshold"}  # the last three: Mask R-CNN's
 
 
-def load_pretrained(model: nn.Module, path: Path, kind: str) -> dict[str, list[str]]:
-    """Initialise `model` (of model kind `kind`) from a `sp pretrain` checkpoint of the same kind of model."""
+def load_pretrained(model: nn.Module, path: Path, kind: str, reset: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """Initialise `model` (of model kind `kind`) from a `sp pretrain` checkpoint of the same kind of model; the
+    tensors under a `reset` name prefix keep their fresh initialisation."""
     state = read_checkpoint(path, "--init")
     if state.get("kind") != "sp-pretrain":
         raise ValueError(f"--init {path} is not a `sp pretrain` checkpoint (kind {state.get('kind')!r})")
@@ -71,7 +80,7 @@ def load_pretrained(model: nn.Module, path: Path, kind: str) -> dict[str, list[s
             raise ValueError(f"--init {path} is another architecture than this model ("
                              + ", ".join(f"{k}: checkpoint={saved.get(k)!r} now={built.get(k)!r}" for k in differ)
                              + "); fine-tune with the pre-training's model settings (e.g. --small, --backbone)")
-    report = transfer_weights(model, state["model"])
+    report = transfer_weights(model, state["model"], reset)
     report["ignored"] += [f"{name}.*" for name in PRETRAIN_ONLY if name in state]
     log.info("--init %s: loaded %d tensors, re-initialised %d (%s), ignored %d (%s)", path, len(report["loaded"]),
              len(report["reinitialised"]), ", ".join(report["reinitialised"][:6]) or "-", len(report["ignored"]),
@@ -87,7 +96,7 @@ def build(cfg: FinetuneConfig, num_classes: int):
             frozen_stages=cfg.frozen_stages)
         model = build_maskrcnn_adapter(mc, cfg.backbone_weights)
         if cfg.init is not None:
-            load_pretrained(model, cfg.init, cfg.model)
+            load_pretrained(model, cfg.init, cfg.model, cfg.init_reset)
         optimizer = maskrcnn_optimizer(model, lr=cfg.lr or 0.02,
                                        weight_decay=1e-4 if cfg.weight_decay is None else cfg.weight_decay)
         return model, mc, optimizer
@@ -96,7 +105,7 @@ def build(cfg: FinetuneConfig, num_classes: int):
                             frozen_stages=cfg.frozen_stages, max_per_image=cfg.max_per_image, **threshold)
     model = build_query_model(mc, cfg.backbone_weights)
     if cfg.init is not None:
-        load_pretrained(model, cfg.init, cfg.model)
+        load_pretrained(model, cfg.init, cfg.model, cfg.init_reset)
     lr = cfg.lr or 1e-4
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
@@ -161,6 +170,8 @@ def evaluation_record(metrics: dict, checkpoint: dict) -> dict:
 
 def finetune(cfg: FinetuneConfig) -> Path:
     """Run (or resume) fine-tuning; returns the final checkpoint."""
+    if cfg.init_reset and cfg.init is None:
+        raise ValueError(f"--init-reset {', '.join(cfg.init_reset)} needs --init (a pre-trained model to reset)")
     dist = init_distributed(cfg.device)
     # Every input is checked before anything is written: labels and images, --init, then the run folder.
     train = load_checked_coco(cfg.train_ann, cfg.train_images, TRAINING, cfg.skip_bad, cfg.decode_images)

@@ -94,6 +94,8 @@ def pooled_features(c5: torch.Tensor, index: int, masks: torch.Tensor, batch: Ba
 
     Each C5 cell is weighted by the fraction of it that the mask covers (masks are resized to the backbone
     input, padded, then average-pooled by 32)."""
+    if not len(masks):  # an image with no object (e.g. an unannotated one in an imported COCO file)
+        return c5.new_zeros((0, c5.shape[1]), dtype=torch.float32)
     (gh, gw), (rh, rw) = batch.grid_hw[index], batch.resized_hw[index]
     unit = F.normalize(c5[index, :, :gh, :gw].float(), dim=0)
     resized = F.interpolate(masks[None].float(), size=(rh, rw), mode="nearest")[0]

@@ -148,6 +148,9 @@ class FinetuneConfig(LoopConfig):
     small: bool = False  # CPU-sized heads for smoke runs and the demo (the backbone is `backbone`)
     backbone: str = GenerationSettings.backbone  # the pseudo masks' (a pre-trained model was built on it)
     init: Path | None = None  # a `sp pretrain` checkpoint of the same model
+    # name prefixes of tensors that keep their fresh initialisation instead of `init`'s (e.g. Mask R-CNN's last
+    # layers, as a fine-tuning to other classes gets them)
+    init_reset: tuple[str, ...] = ()
     backbone_weights: Path | None = None
     epochs: int = 48
     repeat: int = 1  # passes over the labeled images per epoch (the reference's RepeatDataset)

@@ -93,9 +93,9 @@ def test_the_real_data_experiment_has_every_table_and_figure(tmp_path, coco_subs
     ("pennfudan", {"check_labels": 1, "gen_masks_shard": 8, "merge_store": 4, "store_quality": 3, "pretrain_run": 7,
                    "split_labels": 10, "finetune_run": 79, "results_table": 1, "compare": 1, "pretrain_losses": 1,
                    "all": 1}),
-    # the pre-training scale study: 11 rows x 3 seeds at 20 labels, 11 pre-training runs on 8 stores
-    ("pretrain_scale", {"check_labels": 1, "gen_masks_shard": 16, "merge_store": 8, "store_quality": 5,
-                        "pretrain_run": 11, "split_labels": 3, "finetune_run": 33, "results_table": 1,
+    # the pre-training scale study: 14 rows x 3 seeds at 20 labels, 14 pre-training runs on 9 stores
+    ("pretrain_scale", {"check_labels": 1, "gen_masks_shard": 18, "merge_store": 9, "store_quality": 6,
+                        "pretrain_run": 14, "split_labels": 3, "finetune_run": 42, "results_table": 1,
                         "pretrain_losses": 1, "all": 1}),
 ])
 def test_experiments_share_one_catalog_and_make_only_what_their_rows_use(tmp_path, coco_subset, name, expected):

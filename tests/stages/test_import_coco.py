@@ -33,6 +33,28 @@ def test_imported_ground_truth_is_a_perfect_store(demo, tmp_path):
     assert store.attrs["settings"]["method"] == "import"
 
 
+def test_images_without_annotations_get_no_masks_and_leave_the_others_unchanged(demo, tmp_path):
+    """COCO files list photos with no (or only crowd) annotations (coco_subset train has such photos): they are
+    stored with no mask, and every other photo's masks and features are those of the import without them."""
+    gt = json.loads(open(demo["unlabeled_ann"]).read())
+    emptied = gt["images"][1]
+    crowd = [{**a, "iscrowd": 1} for a in gt["annotations"] if a["image_id"] == emptied["id"]]
+    kept = [a for a in gt["annotations"] if a["image_id"] != emptied["id"]]
+    (tmp_path / "some.json").write_text(json.dumps({**gt, "annotations": kept + crowd}))
+    (tmp_path / "others.json").write_text(json.dumps({**gt, "images": [i for i in gt["images"] if i != emptied],
+                                                       "annotations": kept}))
+    # one photo a batch: the padding to a batch's largest photo, and with it C5, is then the same in both runs
+    common = dict(backbone="resnet18", image_size=128, max_size=192, options=RunOptions(batch_size=1, workers=0))
+    store = import_coco(tmp_path / "some.json", demo["unlabeled"], tmp_path / "some.zarr", **common)
+    others = import_coco(tmp_path / "others.json", demo["unlabeled"], tmp_path / "others.zarr", **common)
+    assert store.num_images == len(gt["images"]) and crowd
+    assert store.rle(store.file_names.index(emptied["file_name"])) == []
+    for name in others.file_names:
+        i, j = store.file_names.index(name), others.file_names.index(name)
+        assert store.rle(i) == others.rle(j)
+        np.testing.assert_array_equal(store.seed_features(i), others.seed_features(j))
+
+
 def test_polygon_annotations_are_rasterised(tmp_path):
     ann = {"segmentation": [[2, 2, 8, 2, 8, 6, 2, 6]]}
     mask = annotation_mask(ann, 10, 12)

@@ -288,6 +288,34 @@ def test_maskrcnn_pretraining_initialises_finetuning(gt_store, demo, tmp_path, o
         build(maskrcnn_finetune_config(demo, tmp_path / "ft2", init=tmp_path / "ft" / "final.pth"), num_classes=3)
 
 
+def test_init_reset_keeps_the_named_layers_fresh(gt_store, demo, tmp_path, one_thread):
+    """--init-reset: with as many classes as the pre-training (nothing rebuilt by shape), the named last layers
+    keep the fresh initialisation a run without --init gets, every other tensor is the pre-trained one; a prefix
+    that names nothing, or a reset without --init, is refused before anything is written."""
+    pre = tmp_path / "pre"
+    pretrained = weights(pretrain(config(gt_store, demo["unlabeled"], pre, model=SMALL_MASKRCNN, epochs=1)))["model"]
+    reset = ("model.roi_heads.box_predictor", "model.roi_heads.mask_predictor.mask_fcn_logits")
+    torch.manual_seed(0)
+    fresh = build(maskrcnn_finetune_config(demo, tmp_path / "a"), num_classes=1)[0].state_dict()
+    torch.manual_seed(0)
+    model = build(maskrcnn_finetune_config(demo, tmp_path / "b", init=pre / "final.pth", init_reset=reset),
+                  num_classes=1)[0]
+    for name, tensor in model.state_dict().items():
+        expected = fresh if name in MASKRCNN_CLASS_LAYERS else pretrained
+        assert torch.equal(tensor, expected[name]), name
+    assert not torch.equal(fresh["model.roi_heads.box_predictor.cls_score.weight"],
+                           pretrained["model.roi_heads.box_predictor.cls_score.weight"])  # the test can tell them apart
+    with pytest.raises(ValueError, match="--init-reset model.roi_heads.box_head_typo names no tensor"):
+        build(maskrcnn_finetune_config(demo, tmp_path / "c", init=pre / "final.pth",
+                                       init_reset=("model.roi_heads.box_head_typo",)), num_classes=1)
+    result = CliRunner().invoke(app, ["finetune", "--train-ann", str(demo["train_ann"]), "--train-images",
+                                      str(demo["train"]), "--val-ann", str(demo["val_ann"]), "--val-images",
+                                      str(demo["val"]), "--out", str(tmp_path / "d"), "--model", "maskrcnn",
+                                      "--init-reset", "model.roi_heads.box_predictor", "--small"])
+    assert result.exit_code == 2 and "needs --init" in result.output, result.output
+    assert not (tmp_path / "d").exists()
+
+
 def test_maskrcnn_refuses_what_belongs_to_query_models_and_their_checkpoints(gt_store, demo, tmp_path):
     for wrong, message in [(dict(prompt=PromptConfig(mode="cosine")), "mode='cosine'"),
                            (dict(kernel_loss_weight=1.0), "kernel loss weight 1")]:

@@ -128,6 +128,15 @@ def _run_files(out: Path) -> list[Path]:
 
 
 def prepare_run_folder(loop: LoopConfig, kind: str, settings: dict, main: bool = True) -> None:
+    """`check_run_folder` in every process, then a barrier under torchrun: the main process writes its first
+    record only once every process has checked the folder, so that no process finds that record and refuses
+    the folder as another run's."""
+    check_run_folder(loop, kind, settings, main)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def check_run_folder(loop: LoopConfig, kind: str, settings: dict, main: bool = True) -> None:
     """Refuse an output folder that holds another run, before anything is written into it.
 
     An empty or new folder is used as it is. One holding a run is continued with `resume` when that run has the

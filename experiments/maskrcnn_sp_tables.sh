@@ -30,6 +30,9 @@ E="" N=""
 for f in $RES/eval_pretrain/*/seed0.json; do
   [ -f $f ] && E="$E $f" && N="$N,$(basename $(dirname $f))"
 done
-[ -z "$E" ] || sp table $E --names ${N#,} --decimals 2 --out $RES/results_pretrained \
-  $([ -f $PRETRAINED ] && echo --include $PRETRAINED) "${TABLE_FLAGS[@]}" > /dev/null
-[ -z "$E" ] || { cp $RES/results_pretrained.md experiments/maskrcnn_sp_pretrained.md; cp $RES/results_pretrained.json $PRETRAINED; }
+if [ -n "$E" ]; then
+  sp table $E --names ${N#,} --decimals 2 --out $RES/results_pretrained \
+    $([ -f $PRETRAINED ] && echo --include $PRETRAINED) "${TABLE_FLAGS[@]}" > /dev/null
+  cp $RES/results_pretrained.md experiments/maskrcnn_sp_pretrained.md
+  cp $RES/results_pretrained.json $PRETRAINED
+fi

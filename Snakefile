@@ -120,7 +120,8 @@ PRETRAIN_MODEL = {}  # pre-training run name -> model (knet by default)
 # Mask R-CNN (model: maskrcnn) has no queries: no prompts and no kernel supervision; its runs may set DropLoss
 # (`sp pretrain --drop-loss/--no-drop-loss --drop-loss-iou`; absent: `sp pretrain`'s default, on at IoU 0.01)
 MASKRCNN_PRETRAIN_KEYS = ["drop_loss", "drop_loss_iou"]
-for name, over in named("pretrain_runs", ["store", "model", *PRETRAIN_KEYS, *MASKRCNN_PRETRAIN_KEYS]).items():
+for name, over in named("pretrain_runs", ["store", "model", "min_mask_area", *PRETRAIN_KEYS,
+                                          *MASKRCNN_PRETRAIN_KEYS]).items():
     store = STORE_OF[over.pop("store", next(iter(STORE_OF)))]
     settings = {k: over.get(k, config[k]) for k in PRETRAIN_KEYS}
     PRETRAIN_MODEL[name] = over.get("model", "knet")
@@ -135,6 +136,8 @@ for name, over in named("pretrain_runs", ["store", "model", *PRETRAIN_KEYS, *MAS
         raise ValueError(f"config pretrain_runs: {name}: {MASKRCNN_PRETRAIN_KEYS} are Mask R-CNN's settings")
     if PRETRAIN_MODEL[name] != "knet":  # K-Net runs keep the hashes (and finished runs) they had before `model`
         settings["model"] = PRETRAIN_MODEL[name]
+    if float(over.get("min_mask_area", 0)):  # `sp pretrain --min-mask-area`; 0 (all masks) keeps the old hashes
+        settings["min_mask_area"] = float(over["min_mask_area"])
     PRETRAIN_OF[name] = f"{store}-{settings_hash(settings)}"
     PRETRAIN_SETTINGS[PRETRAIN_OF[name]] = dict(settings, store=store, model=PRETRAIN_MODEL[name])
 
@@ -217,7 +220,8 @@ def pretrain_cmd(w):
                     lr_steps=p["pretrain_lr_steps"], warmup_steps=p["pretrain_warmup_steps"],
                     image_size=p["pretrain_image_size"], max_size=p["pretrain_max_size"], prompt=p["prompt"],
                     kernel_loss_weight=p["kernel_loss_weight"], drop_loss=drop_loss is True,
-                    no_drop_loss=drop_loss is False, drop_loss_iou=p.get("drop_loss_iou"), seed=w.seed,
+                    no_drop_loss=drop_loss is False, drop_loss_iou=p.get("drop_loss_iou"),
+                    min_mask_area=p.get("min_mask_area"), seed=w.seed,
                     backbone=BACKBONE, backbone_weights=WEIGHTS, **COMMON))
 
 

@@ -4,6 +4,7 @@ Penn-Fudan's pedestrians).
 
     python experiments/label_sizes.py results/cache/stores/923865665858.zarr results/cache/stores/60fd94ce7b21.zarr \
         ../shared/datasets/pennfudan/train/annotations.json
+    python experiments/label_sizes.py results/cache/stores/60fd94ce7b21.zarr --min-mask-area 0.01
 
 Prints one markdown row per source: objects, objects per photo, median and mean box-area fraction, the share of
 objects above 10 % and below 1 % of their photo.
@@ -16,16 +17,23 @@ from pathlib import Path
 
 import numpy as np
 
+from store import rle
 from store.pseudo_label_store import PseudoLabelStore
 
 
-def store_fractions(path: Path) -> tuple[np.ndarray, int]:
-    """(box area / photo area of every mask, number of photos) of a pseudo-label store (boxes x1, y1, x2, y2)."""
+def store_fractions(path: Path, min_mask_area: float = 0.0) -> tuple[np.ndarray, int]:
+    """(box area / photo area of every mask, number of photos) of a pseudo-label store (boxes x1, y1, x2, y2);
+    with min_mask_area, of the masks that `sp pretrain --min-mask-area` keeps."""
     store = PseudoLabelStore.open(path)
     height, width = store.image_array("height").astype(float), store.image_array("width").astype(float)
     photo = np.repeat(np.arange(len(height)), np.diff(store.mask_offset))
     box = store.mask_array("box").astype(float)
-    return (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]) / (height[photo] * width[photo]), len(height)
+    keep = np.ones(len(box), bool)
+    if min_mask_area:
+        keep = np.array([rle.area(c, int(height[i]), int(width[i])) >= min_mask_area * height[i] * width[i]
+                         for i in range(len(height)) for c in store.rle(i)], bool)
+    fractions = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]) / (height[photo] * width[photo])
+    return fractions[keep], len(height)
 
 
 def coco_fractions(path: Path) -> tuple[np.ndarray, int]:
@@ -39,10 +47,13 @@ def coco_fractions(path: Path) -> tuple[np.ndarray, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="+", type=Path, help="Stores (*.zarr) or COCO instances JSON files.")
+    parser.add_argument("--min-mask-area", type=float, default=0.0, help="Stores: only the masks covering at least "
+                        "this fraction of their photo, as `sp pretrain --min-mask-area` keeps them.")
     args = parser.parse_args()
     print("| source | objects | per photo | median box area | mean | > 10 % | < 1 % |\n|---|---:|---:|---:|---:|---:|---:|")
     for source in args.sources:
-        fractions, photos = (store_fractions if source.suffix == ".zarr" else coco_fractions)(source)
+        fractions, photos = (store_fractions(source, args.min_mask_area) if source.suffix == ".zarr"
+                             else coco_fractions(source))
         print(f"| {source} | {len(fractions)} | {len(fractions) / photos:.1f} | {np.median(fractions):.3f} | "
               f"{fractions.mean():.3f} | {(fractions > 0.1).mean():.2f} | {(fractions < 0.01).mean():.2f} |")
 

@@ -92,6 +92,9 @@ def pretrain_cmd(
     image_size: ImageSize = PRE.image_size,
     max_size: MaxSize = PRE.max_size,
     flip_prob: Annotated[float, typer.Option(help="Horizontal flip probability.")] = PRE.flip_prob,
+    min_mask_area: Annotated[float, typer.Option(min=0.0, max=1.0, help="Leave out the pseudo masks covering less "
+                                                 "than this fraction of their photo, e.g. 0.01 (0 keeps all; each "
+                                                 "epoch logs how many were left out).")] = PRE.min_mask_area,
     workers: Workers = PRE.workers,
     device: Device = "auto",
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order, flips and prompt dropout.")] = PRE.seed,
@@ -127,8 +130,9 @@ def pretrain_cmd(
             schedule=Schedule(warmup_steps=warmup_steps, lr_steps=tuple(lr_steps)), clip_norm=clip_norm,
             prompt=PromptConfig(**prompt_fields) if prompt_fields else None, kernel_loss_weight=kernel_loss_weight,
             drop_loss=drop_loss, drop_loss_iou=drop_loss_iou, image_size=image_size, max_size=max_size,
-            flip_prob=flip_prob, workers=workers, device=resolve_device(device), seed=seed, log_every=log_every,
-            checkpoint_every=checkpoint_every, keep_every=keep_every, resume=resume, overwrite=overwrite)
+            flip_prob=flip_prob, min_mask_area=min_mask_area, workers=workers, device=resolve_device(device),
+            seed=seed, log_every=log_every, checkpoint_every=checkpoint_every, keep_every=keep_every, resume=resume,
+            overwrite=overwrite)
     except ValueError as e:
         fail(str(e))
     try:

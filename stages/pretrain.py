@@ -55,7 +55,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) pre-training; returns the path of the final checkpoint."""
     dist = init_distributed(cfg.device)
     seed_everything(cfg.seed)
-    dataset = PseudoLabelDataset(cfg.store, cfg.images, cfg.image_size, cfg.max_size, cfg.flip_prob, cfg.seed)
+    dataset = PseudoLabelDataset(cfg.store, cfg.images, cfg.image_size, cfg.max_size, cfg.flip_prob, cfg.seed,
+                                 cfg.min_mask_area)
     if len(dataset) == 0:
         raise ValueError(f"{cfg.store} has no usable images")
     if isinstance(cfg.model, MaskRCNNConfig):

@@ -22,16 +22,19 @@ from store.pseudo_label_store import DONE, PseudoLabelStore, StoreError
 
 class PseudoLabelDataset(Dataset):
     """Item: dict(image (3, Hr, Wr) float, masks (L, Hr, Wr) bool, boxes (L, 4) xyxy in resized pixels,
-    seed_features (L, D) float32, index)."""
+    seed_features (L, D) float32, index, small_masks: how many of the image's masks min_mask_area left out).
+
+    min_mask_area: leave out the masks covering less than this fraction of their photo (0 keeps all)."""
 
     def __init__(self, store_path: Path, images_dir: Path, image_size: int, max_size: int,
-                 flip_prob: float = 0.5, seed: int = 0):
+                 flip_prob: float = 0.5, seed: int = 0, min_mask_area: float = 0.0):
         store = PseudoLabelStore.open(store_path)
         if not store.complete:
             raise StoreError(f"{store_path} is not complete ({store.images_done} of {store.num_images} images); "
                              "finish `sp gen-masks` (or `sp store merge`) first")
         self.store_path, self.images_dir = Path(store_path), Path(images_dir)
         self.image_size, self.max_size, self.flip_prob, self.seed = image_size, max_size, flip_prob, seed
+        self.min_mask_area = min_mask_area
         self.settings_hash = store.attrs["settings_hash"]
         self.feature_dim = int(store.attrs["feature_dim"])
         self.backbone = store.attrs["settings"].get("backbone")
@@ -62,14 +65,17 @@ class PseudoLabelDataset(Dataset):
         image = network_input(load_image(self.images_dir / name, (height, width)), self.image_size, self.max_size)
         rh, rw = image.shape[1:]
         # an image without pseudo masks (L = 0) still trains the classifier's background
-        masks = resize_masks([rle.decode(c, height, width) for c in self._store.rle(i)], (rh, rw))
-        boxes = torch.from_numpy(self.boxes[self.offsets[i]:self.offsets[i + 1]]) * torch.tensor(
+        counts = self._store.rle(i)
+        keep = np.array([rle.area(c, height, width) >= self.min_mask_area * height * width for c in counts], bool)
+        masks = resize_masks([rle.decode(c, height, width) for c, k in zip(counts, keep) if k], (rh, rw))
+        boxes = torch.from_numpy(self.boxes[self.offsets[i]:self.offsets[i + 1]][keep]) * torch.tensor(
             [rw / width, rh / height, rw / width, rh / height])
-        seeds = torch.from_numpy(self._store.seed_features(i).astype(np.float32))
+        seeds = torch.from_numpy(self._store.seed_features(i)[keep].astype(np.float32))
         if np.random.default_rng([self.seed, self.epoch, i]).random() < self.flip_prob:
             image, masks = image.flip(-1), masks.flip(-1)
             boxes = torch.stack([rw - boxes[:, 2], boxes[:, 1], rw - boxes[:, 0], boxes[:, 3]], 1)
-        return {"image": image, "masks": masks, "boxes": boxes, "seed_features": seeds, "index": i}
+        return {"image": image, "masks": masks, "boxes": boxes, "seed_features": seeds, "index": i,
+                "small_masks": int((~keep).sum())}
 
 
 def collate_training(items: list[dict]) -> dict:
@@ -80,7 +86,8 @@ def collate_training(items: list[dict]) -> dict:
     losses and teach confident empty masks), and per image a target dict: masks (L, Hp/4, Wp/4) float, each
     cell the fraction of its 4x4 pixels the object covers (so an object with one pixel keeps a non-empty
     target), full-resolution masks (L, Hp, Wp) bool, labels (L,) (zeros, the one foreground class, when items
-    carry none), boxes, and seed_features when items carry them."""
+    carry none), boxes, and seed_features when items carry them; small_masks, the masks the dataset's
+    min_mask_area left out."""
     hp = math.ceil(max(it["image"].shape[1] for it in items) / STRIDE) * STRIDE
     wp = math.ceil(max(it["image"].shape[2] for it in items) / STRIDE) * STRIDE
     images = torch.zeros(len(items), 3, hp, wp)
@@ -98,4 +105,5 @@ def collate_training(items: list[dict]) -> dict:
             target["seed_features"] = it["seed_features"][keep]
         targets.append(target)
     return {"images": images, "image_hw": [tuple(it["image"].shape[1:]) for it in items], "targets": targets,
-            "index": [it["index"] for it in items], "dropped_targets": dropped}
+            "index": [it["index"] for it in items], "dropped_targets": dropped,
+            "small_masks": sum(it.get("small_masks", 0) for it in items)}

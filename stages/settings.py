@@ -116,11 +116,17 @@ class PretrainConfig(LoopConfig):
     image_size: int = 800
     max_size: int = 1333
     flip_prob: float = 0.5
+    # leave out the pseudo masks covering less than this fraction of their photo (0: keep all); a lever for
+    # labels dominated by small objects (experiments/README.md, "Pre-training scale")
+    min_mask_area: float = 0.0
     device: str = "cpu"
     keep_every: int = 1  # keep epoch_NNN.pth every N epochs (0: last and final only)
 
     def __post_init__(self) -> None:
         mask_rcnn = isinstance(self.model, MaskRCNNConfig)
+        if not 0 <= self.min_mask_area < 1:
+            raise ValueError(f"--min-mask-area {self.min_mask_area:g}: a fraction of the photo, at least 0 and "
+                             "under 1")
         for name, default in (MASKRCNN_DEFAULTS if mask_rcnn else QUERY_MODEL_DEFAULTS).items():
             if getattr(self, name) is None:
                 setattr(self, name, copy.copy(default))  # a PromptConfig of its own

@@ -116,6 +116,8 @@ def read_checkpoint(path: Path, option: str, map_location: str = "cpu", mmap: bo
 # move: pre-training compares its settings hash instead. Other paths are compared as given.
 RESUMABLE_CHANGES = {"out", "resume", "overwrite", "epochs", "workers", "device", "log_every", "checkpoint_every",
                      "keep_every", "eval_every", "eval_at", "skip_bad", "decode_images", "store"}
+# settings added after runs were saved without them: such a run trained with the value given here
+SETTINGS_ADDED_LATER = {"min_mask_area": 0.0, "init_reset": ()}
 RUN_FILES = ("last.pth", "final.pth", "best.pth", "metrics.jsonl", "curve.png", "eval.json", "skipped.json", "tb")
 
 
@@ -156,6 +158,7 @@ def check_run_folder(loop: LoopConfig, kind: str, settings: dict, main: bool = T
     if loop.resume:
         state = read_checkpoint(last, "--resume", mmap=True)
         old = state.get("args", {})
+        old = {**{k: v for k, v in SETTINGS_ADDED_LATER.items() if k in settings}, **old}
         differ = sorted(k for k in old.keys() | settings.keys() if k not in RESUMABLE_CHANGES
                         and old.get(k) != settings.get(k))
         if state["kind"] != kind:
@@ -350,9 +353,10 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
                             collate_fn=collate)
         for module in modules.values():
             module.train()
-        tick, dropped = time.perf_counter(), 0
+        tick, dropped, small = time.perf_counter(), 0, 0
         for batch_in_epoch, batch in enumerate(loader, start=start_batch):
             dropped += batch.get("dropped_targets", 0)
+            small += batch.get("small_masks", 0)
             set_lr(optimizer, loop.schedule.factor(step, epoch))
             with step_rng(loop.seed, step, dist.rank, dist.device):
                 losses = loss_fn(batch, step)
@@ -381,6 +385,9 @@ def train_loop(loop: LoopConfig, dist: Dist, modules: dict[str, torch.nn.Module]
             log.info("epoch %d: %d object(s) with no pixel left at the training resolution were left out of the "
                      "targets", epoch + 1, dropped)
             metrics.write({"step": step, "epoch": epoch, "dropped_targets": dropped})
+        if small:
+            log.info("epoch %d: %d pseudo mask(s) under --min-mask-area were left out", epoch + 1, small)
+            metrics.write({"step": step, "epoch": epoch, "small_masks": small})
         epoch, start_batch = epoch + 1, 0
         checkpoint(epoch, 0)
         end_epoch(epoch)

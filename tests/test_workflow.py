@@ -93,9 +93,9 @@ def test_the_real_data_experiment_has_every_table_and_figure(tmp_path, coco_subs
     ("pennfudan", {"check_labels": 1, "gen_masks_shard": 8, "merge_store": 4, "store_quality": 3, "pretrain_run": 7,
                    "split_labels": 10, "finetune_run": 79, "results_table": 1, "compare": 1, "pretrain_losses": 1,
                    "all": 1}),
-    # the pre-training scale study: 14 rows x 3 seeds at 20 labels, 14 pre-training runs on 9 stores
+    # the pre-training scale study: 15 rows x 3 seeds at 20 labels, 15 pre-training runs on 9 stores
     ("pretrain_scale", {"check_labels": 1, "gen_masks_shard": 18, "merge_store": 9, "store_quality": 6,
-                        "pretrain_run": 14, "split_labels": 3, "finetune_run": 42, "results_table": 1,
+                        "pretrain_run": 15, "split_labels": 3, "finetune_run": 45, "results_table": 1,
                         "pretrain_losses": 1, "all": 1}),
 ])
 def test_experiments_share_one_catalog_and_make_only_what_their_rows_use(tmp_path, coco_subset, name, expected):
@@ -183,6 +183,19 @@ def test_mask_rcnn_pretraining_runs_take_droploss_and_no_prompts(tmp_path):
                            ({"name": "p", "drop_loss": False}, "are Mask R-CNN's settings")]:
         with pytest.raises(AssertionError, match=message):
             snakemake(tmp_path, "all", config={"pretrain_runs": [entry], "finetune_runs": []})
+
+
+def test_min_mask_area_is_a_run_of_its_own_and_zero_is_the_run_without_it(tmp_path):
+    """min_mask_area reaches `sp pretrain --min-mask-area` as a pre-training of its own; 0 (every mask) is the run
+    without the key, so finished runs keep their folders."""
+    config = {"pretrain_runs": [{"name": "all", "store": "saliency"},
+                                {"name": "zero", "store": "saliency", "min_mask_area": 0},
+                                {"name": "large", "store": "saliency", "min_mask_area": 0.01}],
+              "finetune_runs": [{"name": f"k_{p}", "model": "knet", "init": p} for p in ("all", "zero", "large")]}
+    commands = [line for line in snakemake(tmp_path, "finetune", "-p", config=config).splitlines()
+                if " pretrain --store" in line]
+    assert len(commands) == 2 and sum("--min-mask-area 0.01" in c for c in commands) == 1
+    assert sum("--min-mask-area" in c for c in commands) == 1
 
 
 def test_a_shared_cache_per_store_images_repeat_and_a_split_per_seed(tmp_path):

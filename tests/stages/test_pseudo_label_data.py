@@ -95,3 +95,38 @@ def test_no_labeled_object_becomes_an_empty_target_at_any_training_resolution(tm
         assert len(target["labels"]) == kept and batch["dropped_targets"] == 4 - kept
         assert kept >= 1  # the large object always
     assert kept == 4  # at 800 px every object has pixels
+
+
+def test_min_mask_area_keeps_exactly_the_masks_covering_that_fraction_of_their_photo(demo, tmp_path):
+    """Pre-training on large objects only (`sp pretrain --min-mask-area`): against the COCO file's own mask areas
+    (pycocotools), an item keeps exactly the masks covering at least the fraction, with their boxes and seed
+    features, in store order, and the batch counts the ones left out."""
+    from pycocotools import mask as mask_utils
+
+    from stages.gen_masks import RunOptions
+    from stages.import_coco import annotation_mask, import_coco
+    from stages.pseudo_label_data import PseudoLabelDataset
+
+    store = import_coco(demo["unlabeled_ann"], demo["unlabeled"], tmp_path / "gt.zarr", backbone="resnet18",
+                        image_size=128, max_size=192, options=RunOptions(batch_size=4, workers=0))
+    gt = json.loads(open(demo["unlabeled_ann"]).read())
+    fraction = {}  # file name -> area fraction of each annotation, in the file's (= the store's) order
+    for img in gt["images"]:
+        masks = [annotation_mask(a, img["height"], img["width"]) for a in gt["annotations"] if a["image_id"] == img["id"]]
+        fraction[img["file_name"]] = [float(mask_utils.area(mask_utils.encode(np.asfortranarray(m)))) /
+                                      (img["height"] * img["width"]) for m in masks]
+    values = np.unique([f for fs in fraction.values() for f in fs])
+    threshold = float(values[len(values) // 2 - 1:len(values) // 2 + 1].mean())  # between two areas: no rounding tie
+    everything = PseudoLabelDataset(store.path, demo["unlabeled"], 128, 192, flip_prob=0.0)
+    large = PseudoLabelDataset(store.path, demo["unlabeled"], 128, 192, flip_prob=0.0, min_mask_area=threshold)
+    left_out = 0
+    for k in range(len(everything)):
+        a, b = everything[k], large[k]
+        keep = torch.tensor([f >= threshold for f in fraction[store.file_names[a["index"]]]], dtype=torch.bool)
+        assert len(keep) == len(a["masks"]) and a["small_masks"] == 0
+        assert torch.equal(b["masks"], a["masks"][keep]) and torch.equal(b["boxes"], a["boxes"][keep])
+        assert torch.equal(b["seed_features"], a["seed_features"][keep]) and torch.equal(b["image"], a["image"])
+        assert b["small_masks"] == int((~keep).sum())
+        left_out += b["small_masks"]
+    assert 0 < left_out < len(gt["annotations"])  # the median leaves out some masks and keeps others
+    assert collate_training([large[k] for k in range(len(large))])["small_masks"] == left_out

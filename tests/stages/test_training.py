@@ -95,3 +95,12 @@ def test_the_log_tells_whether_an_epochs_end_was_recorded(tmp_path):
     log.write({"step": 20, "epoch": 2, "segm_AP": 4.0})
     assert log.has_epoch_end(2, 20)
     assert not MetricsLog(tmp_path, enabled=False).has_epoch_end(2, 20)  # a process that keeps no log
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_that_settings_default(tmp_path):
+    """A checkpoint written before `min_mask_area` existed trained on every mask: it resumes at 0 (the default),
+    and is refused, naming the setting, when the resumed run asks for another value."""
+    out = run_folder(tmp_path)
+    prepare_run_folder(loop(out, resume=True), "sp-finetune", {**SETTINGS, "min_mask_area": 0.0, "init_reset": ()})
+    with pytest.raises(ValueError, match=r"other settings \(min_mask_area: run=0.0 now=0.01\)"):
+        prepare_run_folder(loop(out, resume=True), "sp-finetune", {**SETTINGS, "min_mask_area": 0.01})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from store import rle
+from stages.pseudo_label_data import large_masks
 from store.pseudo_label_store import PseudoLabelStore
 
 
@@ -30,8 +30,8 @@ def store_fractions(path: Path, min_mask_area: float = 0.0) -> tuple[np.ndarray,
     box = store.mask_array("box").astype(float)
     keep = np.ones(len(box), bool)
     if min_mask_area:
-        keep = np.array([rle.area(c, int(height[i]), int(width[i])) >= min_mask_area * height[i] * width[i]
-                         for i in range(len(height)) for c in store.rle(i)], bool)
+        keep = np.concatenate([large_masks(store.rle(i), int(height[i]), int(width[i]), min_mask_area)
+                               for i in range(len(height))])
     fractions = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]) / (height[photo] * width[photo])
     return fractions[keep], len(height)
 

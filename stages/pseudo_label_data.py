@@ -20,6 +20,11 @@ from store import rle
 from store.pseudo_label_store import DONE, PseudoLabelStore, StoreError
 
 
+def large_masks(counts: list, height: int, width: int, min_mask_area: float) -> np.ndarray:
+    """(L,) bool: which of a photo's RLE masks cover at least min_mask_area of it (`sp pretrain --min-mask-area`)."""
+    return np.array([rle.area(c, height, width) >= min_mask_area * height * width for c in counts], bool)
+
+
 class PseudoLabelDataset(Dataset):
     """Item: dict(image (3, Hr, Wr) float, masks (L, Hr, Wr) bool, boxes (L, 4) xyxy in resized pixels,
     seed_features (L, D) float32, index, small_masks: how many of the image's masks min_mask_area left out).
@@ -66,7 +71,7 @@ class PseudoLabelDataset(Dataset):
         rh, rw = image.shape[1:]
         # an image without pseudo masks (L = 0) still trains the classifier's background
         counts = self._store.rle(i)
-        keep = np.array([rle.area(c, height, width) >= self.min_mask_area * height * width for c in counts], bool)
+        keep = large_masks(counts, height, width, self.min_mask_area)
         masks = resize_masks([rle.decode(c, height, width) for c, k in zip(counts, keep) if k], (rh, rw))
         boxes = torch.from_numpy(self.boxes[self.offsets[i]:self.offsets[i + 1]][keep]) * torch.tensor(
             [rw / width, rh / height, rw / width, rh / height])

@@ -40,6 +40,7 @@ for base in config_bases(config.get("extends")):
 # dataclasses, docs/defaults.md): leaving a key out and spelling out its default name the same stores and runs.
 # config/config.yaml sets only what the demo deliberately sets otherwise.
 from pipeline.workflow_defaults import workflow_defaults
+from stages.settings import MASKRCNN_DEFAULTS
 
 STAGE_DEFAULTS = workflow_defaults()
 UNKNOWN_GEN_KEYS = sorted(set(config.get("gen_masks", {})) - set(STAGE_DEFAULTS["gen_masks"]))
@@ -118,7 +119,9 @@ PRETRAIN_OF = {}  # pre-training run name -> "<store hash>-<settings hash>"
 PRETRAIN_SETTINGS = {}
 PRETRAIN_MODEL = {}  # pre-training run name -> model (knet by default)
 # Mask R-CNN (model: maskrcnn) has no queries: no prompts and no kernel supervision; its runs may set DropLoss
-# (`sp pretrain --drop-loss/--no-drop-loss --drop-loss-iou`; absent: `sp pretrain`'s default, on at IoU 0.01)
+# (`sp pretrain --drop-loss/--no-drop-loss --drop-loss-iou`). drop_loss absent is `sp pretrain`'s default, named
+# in the run's hash so that leaving it out and spelling it out name the same run, and a change of the default a new
+# one (it was on until DropLoss was chosen on held-apart photos: experiments/maskrcnn_sp_select.yaml)
 MASKRCNN_PRETRAIN_KEYS = ["drop_loss", "drop_loss_iou"]
 for name, over in named("pretrain_runs", ["store", "model", "min_mask_area", *PRETRAIN_KEYS,
                                           *MASKRCNN_PRETRAIN_KEYS]).items():
@@ -128,8 +131,10 @@ for name, over in named("pretrain_runs", ["store", "model", "min_mask_area", *PR
     if PRETRAIN_MODEL[name] == "maskrcnn":
         if over.get("prompt", "none") != "none" or float(over.get("kernel_loss_weight", 0)) != 0:
             raise ValueError(f"config pretrain_runs: {name}: Mask R-CNN takes no prompt nor kernel_loss_weight")
-        if "drop_loss_iou" in over and not truthy(over.get("drop_loss", True)):
-            raise ValueError(f"config pretrain_runs: {name}: drop_loss_iou is DropLoss's threshold, drop_loss false")
+        over["drop_loss"] = truthy(over.get("drop_loss", MASKRCNN_DEFAULTS["drop_loss"]))
+        if "drop_loss_iou" in over and not over["drop_loss"]:
+            raise ValueError(f"config pretrain_runs: {name}: drop_loss_iou is DropLoss's threshold, and drop_loss "
+                             "is false (or left out: off by default); set drop_loss: true with it")
         settings.update(prompt="none", kernel_loss_weight=0,
                         **{k: over[k] for k in MASKRCNN_PRETRAIN_KEYS if k in over})
     elif set(MASKRCNN_PRETRAIN_KEYS) & set(over):
@@ -212,7 +217,7 @@ def gen_masks_cmd(w):
 
 def pretrain_cmd(w):
     p = PRETRAIN_SETTINGS[w.key]
-    drop_loss = truthy(p["drop_loss"]) if "drop_loss" in p else None  # Mask R-CNN runs that set it
+    drop_loss = p.get("drop_loss")  # Mask R-CNN runs: set, or sp pretrain's default
     return (f"pretrain --store {CACHE}/stores/{p['store']}.zarr --images {STORE_DATA[p['store']]['unlabeled_images']} "
             f"--out {CACHE}/pretrain/{w.key}/seed{w.seed} --resume "
             + flags(model=p["model"], small=truthy(p["small_models"]), epochs=p["pretrain_epochs"],

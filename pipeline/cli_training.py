@@ -42,8 +42,8 @@ def pretrain_cmd(
                                       "metrics.jsonl, TensorBoard logs when tensorboard is installed.")],
     model: Annotated[Model, typer.Option(help="A query-based model (knet, mask2former, queryinst), pre-trained with "
                                          "Saliency Prompts; or maskrcnn (torchvision), pre-trained on the pseudo "
-                                         "masks as one class-agnostic class with CutLER's DropLoss, without prompts "
-                                         "(docs/maskrcnn_pretraining.md).")] = Model(model_kind(PRE.model)),
+                                         "masks as one class-agnostic class (CutLER's recipe, DropLoss as an option), "
+                                         "without prompts (docs/maskrcnn_pretraining.md).")] = Model(model_kind(PRE.model)),
     small: Annotated[bool, typer.Option(help="CPU-sized heads (query models: 64 channels, 16 queries, fewer layers; "
                                         "Mask R-CNN: few proposals) for smoke runs and the demo; the backbone is "
                                         "still --backbone.")] = False,  # PRE.model is the full-size config
@@ -80,10 +80,11 @@ def pretrain_cmd(
                                                                 "query models); 0 disables it, and is the only value "
                                                                 "Mask R-CNN takes.")] = None,
     drop_loss: Annotated[Optional[bool], typer.Option("--drop-loss/--no-drop-loss", help="Mask R-CNN only (default "
-                                                      "on): CutLER's DropLoss, no background loss for a sampled "
-                                                      "region whose predicted box overlaps no pseudo box, so that "
-                                                      "objects the pseudo masks missed are not taught as "
-                                                      "background.")] = None,
+                                                      "off: chosen on held-apart photos, docs/maskrcnn_"
+                                                      "pretraining.md): CutLER's DropLoss, no background loss for "
+                                                      "a sampled region whose predicted box overlaps no pseudo "
+                                                      "box, so that objects the pseudo masks missed are not "
+                                                      "taught as background.")] = None,
     drop_loss_iou: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Mask R-CNN only: DropLoss's IoU "
                                                            "threshold; a region overlapping no pseudo box by more "
                                                            "is left out (default "

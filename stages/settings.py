@@ -90,11 +90,13 @@ class LoopConfig:
 # The settings whose default depends on the model (None in PretrainConfig: the model's). Query models: the
 # paper's AdamW, cosine prompts and kernel supervision. Mask R-CNN: SGD (momentum 0.9) as CutLER pre-trains and
 # as this project fine-tunes it, at the fine-tuning's rate for 4 images per step (lr 0.01: CutLER's base rate, and
-# the one chosen for Mask R-CNN on held-apart photos), CutLER's weight decay and DropLoss IoU threshold; no
-# prompts and no kernel supervision (it has no queries). docs/maskrcnn_pretraining.md explains each choice.
+# the one chosen for Mask R-CNN on held-apart photos), CutLER's weight decay; DropLoss off (torchvision's plain
+# loss fine-tuned higher on held-apart Penn-Fudan train photos, experiments/maskrcnn_sp_select.yaml), at CutLER's
+# IoU threshold where it is turned on; no prompts and no kernel supervision (it has no queries).
+# docs/maskrcnn_pretraining.md explains each choice.
 QUERY_MODEL_DEFAULTS = dict(lr=1e-4, weight_decay=0.05, prompt=PromptConfig(), kernel_loss_weight=1.0)
 MASKRCNN_DEFAULTS = dict(lr=0.01, weight_decay=5e-5, prompt=PromptConfig(mode="none"), kernel_loss_weight=0.0,
-                         drop_loss=True, drop_loss_iou=0.01)
+                         drop_loss=False, drop_loss_iou=0.01)
 
 
 @dataclass(kw_only=True)
@@ -139,8 +141,8 @@ class PretrainConfig(LoopConfig):
             raise ValueError("--drop-loss / --drop-loss-iou are Mask R-CNN's (DropLoss weights its RoI "
                              f"classifier's loss); {model_kind(self.model)} has no RoI classifier")
         if mask_rcnn and not self.drop_loss and self.drop_loss_iou != MASKRCNN_DEFAULTS["drop_loss_iou"]:
-            raise ValueError(f"--drop-loss-iou {self.drop_loss_iou:g} is DropLoss's threshold, and --no-drop-loss "
-                             "turns DropLoss off: give one of them")
+            raise ValueError(f"--drop-loss-iou {self.drop_loss_iou:g} is DropLoss's threshold, and DropLoss is off "
+                             "(--no-drop-loss, the default): give --drop-loss with it, or leave it out")
 
 
 @dataclass(kw_only=True)

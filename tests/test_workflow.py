@@ -168,19 +168,22 @@ def test_pretraining_runs_take_a_model(tmp_path):
 
 
 def test_mask_rcnn_pretraining_runs_take_droploss_and_no_prompts(tmp_path):
-    """model: maskrcnn pre-trains without prompts (--prompt none --kernel-loss-weight 0) and with DropLoss on, off
-    or at its own IoU; a query model's prompt or a DropLoss key on K-Net is an error naming the run."""
-    config = {"pretrain_runs": [{"name": "drop", "store": "saliency", "model": "maskrcnn"},
-                                {"name": "plain", "store": "saliency", "model": "maskrcnn", "drop_loss": False},
-                                {"name": "iou", "store": "saliency", "model": "maskrcnn", "drop_loss_iou": 0.1}],
-              "finetune_runs": [{"name": f"m_{p}", "model": "maskrcnn", "init": p} for p in ("drop", "plain", "iou")]}
+    """model: maskrcnn pre-trains without prompts (--prompt none --kernel-loss-weight 0) and with DropLoss off (the
+    default: the run without the key is the run with drop_loss false), on, or on at its own IoU; a query model's
+    prompt, a DropLoss key on K-Net or an IoU with DropLoss off is an error naming the run."""
+    runs = {"default": {}, "plain": {"drop_loss": False}, "drop": {"drop_loss": True},
+            "iou": {"drop_loss": True, "drop_loss_iou": 0.1}}
+    config = {"pretrain_runs": [dict(name=name, store="saliency", model="maskrcnn", **keys) for name, keys in runs.items()],
+              "finetune_runs": [{"name": f"m_{p}", "model": "maskrcnn", "init": p} for p in runs]}
     commands = [line for line in snakemake(tmp_path, "finetune", "-p", config=config).splitlines()
                 if " pretrain --store" in line]
     assert len(commands) == 3 and all("--model maskrcnn" in c and "--prompt none --kernel-loss-weight 0" in c
                                       for c in commands)
     assert sum("--no-drop-loss" in c for c in commands) == 1 and sum("--drop-loss-iou 0.1" in c for c in commands) == 1
+    assert sum(" --drop-loss " in c and "--drop-loss-iou" not in c for c in commands) == 1
     for entry, message in [({"name": "p", "model": "maskrcnn", "prompt": "cosine"}, "takes no prompt"),
-                           ({"name": "p", "drop_loss": False}, "are Mask R-CNN's settings")]:
+                           ({"name": "p", "drop_loss": False}, "are Mask R-CNN's settings"),
+                           ({"name": "p", "model": "maskrcnn", "drop_loss_iou": 0.1}, "p: drop_loss_iou is DropLoss's")]:
         with pytest.raises(AssertionError, match=message):
             snakemake(tmp_path, "all", config={"pretrain_runs": [entry], "finetune_runs": []})
 

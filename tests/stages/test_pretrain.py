@@ -261,7 +261,7 @@ def test_maskrcnn_pretraining_initialises_finetuning(gt_store, demo, tmp_path, o
     pre = tmp_path / "pre"
     state = weights(pretrain(config(gt_store, demo["unlabeled"], pre, model=SMALL_MASKRCNN, epochs=1)))
     assert {"model", "optimizer", "args", "model_config", "store_settings_hash"} <= set(state)
-    assert state["args"]["drop_loss"] is True and state["args"]["drop_loss_iou"] == 0.01  # CutLER's, by default
+    assert state["args"]["drop_loss"] is False  # by default: chosen on held-apart photos (maskrcnn_sp_select.yaml)
     assert state["args"]["prompt"]["mode"] == "none" and state["args"]["kernel_loss_weight"] == 0
     model, _, _ = build(maskrcnn_finetune_config(demo, tmp_path / "ft", init=pre / "final.pth"), num_classes=3)
     pretrained, fine = state["model"], model.state_dict()
@@ -324,8 +324,9 @@ def test_maskrcnn_refuses_what_belongs_to_query_models_and_their_checkpoints(gt_
         assert message in str(error.value)
     with pytest.raises(ValueError, match="are Mask R-CNN's .* knet has no RoI classifier"):
         config(gt_store, demo["unlabeled"], tmp_path / "run", drop_loss=True)
-    with pytest.raises(ValueError, match="--drop-loss-iou 0.3 is DropLoss's threshold, and --no-drop-loss"):
-        config(gt_store, demo["unlabeled"], tmp_path / "run", model=SMALL_MASKRCNN, drop_loss=False, drop_loss_iou=0.3)
+    for off in (dict(drop_loss=False), {}):  # DropLoss turned off, or left out (off by default)
+        with pytest.raises(ValueError, match="--drop-loss-iou 0.3 is DropLoss's threshold, and DropLoss is off"):
+            config(gt_store, demo["unlabeled"], tmp_path / "run", model=SMALL_MASKRCNN, drop_loss_iou=0.3, **off)
     # the command refuses an explicit prompt before writing anything; left out, the defaults are Mask R-CNN's
     argv = ["pretrain", "--store", str(gt_store), "--images", str(demo["unlabeled"]), "--model", "maskrcnn",
             "--small", "--backbone", "resnet18", "--backbone-weights", "none", "--epochs", "1", "--image-size", "128",
@@ -333,10 +334,11 @@ def test_maskrcnn_refuses_what_belongs_to_query_models_and_their_checkpoints(gt_
     result = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "cli"), "--prompt", "cosine"])
     assert result.exit_code == 2 and "Mask R-CNN has no queries" in result.output, result.output
     assert not (tmp_path / "cli").exists()
-    result = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "cli"), "--no-drop-loss"])
+    result = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "cli"), "--drop-loss"])
     assert result.exit_code == 0, result.output
     args = weights(tmp_path / "cli" / "final.pth")["args"]
-    assert args["lr"] == 0.01 and args["weight_decay"] == 5e-5 and args["drop_loss"] is False
+    assert args["lr"] == 0.01 and args["weight_decay"] == 5e-5 and args["drop_loss"] is True
+    assert args["drop_loss_iou"] == 0.01  # CutLER's threshold where DropLoss is on
 
     knet = pretrain(config(gt_store, demo["unlabeled"], tmp_path / "knet", epochs=1))
     with pytest.raises(ValueError, match="pre-trained a knet model; it cannot initialise --model maskrcnn"):

@@ -108,9 +108,14 @@ for name, over in named("stores", [*config["gen_masks"], *STORE_DATA_KEYS, "impo
         images["image_list"] = hashlib.sha256(open(data["unlabeled_list"], "rb").read()).hexdigest()
     if data["import_ann"]:  # which masks, by content
         images["import_ann"] = hashlib.sha256(open(data["import_ann"], "rb").read()).hexdigest()
-    # refine "none" (the paper's generator) stays out of the hash: such stores keep the names they had before
-    # refinement existed
-    named_by = {k: v for k, v in settings.items() if not (k == "refine" and v == "none")}
+    if settings["method"] != "random" and settings["random_boxes"] != STAGE_DEFAULTS["gen_masks"]["random_boxes"]:
+        raise ValueError(f"config stores: {name}: random_boxes is the count of `method: random` stores; "
+                         f"this store's method is {settings['method']}")
+    # refine "none" (the paper's generator) and the default random_boxes stay out of the hash: such stores keep
+    # the names they had before those keys existed
+    named_by = {k: v for k, v in settings.items()
+                if not (k == "refine" and v == "none")
+                and not (k == "random_boxes" and v == STAGE_DEFAULTS["gen_masks"]["random_boxes"])}
     STORE_OF[name] = settings_hash(dict(named_by, **images))
     STORE_SETTINGS[STORE_OF[name]] = settings
     STORE_DATA[STORE_OF[name]] = data
@@ -212,7 +217,7 @@ def gen_masks_cmd(w):
                     device=config["device"], method=g["method"],
                     backbone=g["backbone"], backbone_weights=g["backbone_weights"], image_size=g["image_size"],
                     max_size=g["max_size"], min_score=g["min_score"], max_masks=g["max_masks"], nms=g["nms"],
-                    refine=g["refine"]))
+                    refine=g["refine"], random_boxes=g["random_boxes"] if g["method"] == "random" else None))
 
 
 def pretrain_cmd(w):

@@ -33,7 +33,7 @@ SERIES = {
     "sp_1x": "saliency, 451 COCO photos", "sp_4x": "saliency, 451 COCO photos", "sp_16x": "saliency, 451 COCO photos",
     "sp_random_1x": "random boxes, 451 COCO photos",
     "sp_train310_saliency_4x": "saliency, 310 photos", "sp_train310_random_4x": "random boxes, 310 photos",
-    "sp_train310_random_1x": "random boxes, 310 photos", "sp_train310_ground_truth_1x": "ground truth, 310 photos",
+    "sp_train310_random_1x": "random boxes, 310 photos", "sp_train310_random_3_1x": "3 random boxes a photo, 310 photos", "sp_train310_ground_truth_1x": "ground truth, 310 photos",
     "sp_train310_ground_truth_large_1x": "ground truth >= 1 % of the photo, 310 photos",
     "sp_train310_refined_4x": "refined saliency, 310 photos", "sp_train310_ground_truth_4x": "ground truth, 310 photos",
     "sp_all_photos_4x": "saliency, 2,020 photos", "sp_coco_camvid_4x": "saliency, 451 COCO + 680 CamVid",

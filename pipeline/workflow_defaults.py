@@ -22,7 +22,8 @@ def workflow_defaults() -> dict:
     return {
         "gen_masks": {"method": gen.method, "backbone": gen.backbone, "backbone_weights": DEFAULT_BACKBONE_WEIGHTS,
                       "image_size": gen.image_size, "max_size": gen.max_size, "min_score": gen.saliency.min_score,
-                      "max_masks": gen.saliency.max_masks, "nms": gen.saliency.nms, "refine": gen.refine.method},
+                      "max_masks": gen.saliency.max_masks, "nms": gen.saliency.nms, "refine": gen.refine.method,
+                      "random_boxes": gen.random_boxes},
         "gen_batch_size": run.batch_size,
         "small_models": ft.small,  # pre-training and fine-tuning (PretrainConfig's model is the full-size one)
         "pretrain_epochs": pre.epochs,

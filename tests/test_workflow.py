@@ -93,9 +93,9 @@ def test_the_real_data_experiment_has_every_table_and_figure(tmp_path, coco_subs
     ("pennfudan", {"check_labels": 1, "gen_masks_shard": 8, "merge_store": 4, "store_quality": 3, "pretrain_run": 7,
                    "split_labels": 10, "finetune_run": 79, "results_table": 1, "compare": 1, "pretrain_losses": 1,
                    "all": 1}),
-    # the pre-training scale study: 15 rows x 3 seeds at 20 labels, 15 pre-training runs on 9 stores
-    ("pretrain_scale", {"check_labels": 1, "gen_masks_shard": 18, "merge_store": 9, "store_quality": 6,
-                        "pretrain_run": 15, "split_labels": 3, "finetune_run": 45, "results_table": 1,
+    # the pre-training scale study: 16 rows x 3 seeds at 20 labels, 16 pre-training runs on 10 stores
+    ("pretrain_scale", {"check_labels": 1, "gen_masks_shard": 20, "merge_store": 10, "store_quality": 7,
+                        "pretrain_run": 16, "split_labels": 3, "finetune_run": 48, "results_table": 1,
                         "pretrain_losses": 1, "all": 1}),
 ])
 def test_experiments_share_one_catalog_and_make_only_what_their_rows_use(tmp_path, coco_subset, name, expected):
@@ -199,6 +199,25 @@ def test_min_mask_area_is_a_run_of_its_own_and_zero_is_the_run_without_it(tmp_pa
                 if " pretrain --store" in line]
     assert len(commands) == 2 and sum("--min-mask-area 0.01" in c for c in commands) == 1
     assert sum("--min-mask-area" in c for c in commands) == 1
+
+
+def test_random_boxes_is_a_store_of_its_own_and_the_default_keeps_the_name(tmp_path):
+    """random_boxes reaches `sp gen-masks --random-boxes` for a random store, as a store of its own; spelling out
+    the default 20 names the same store as leaving it out (stores made before the key existed keep their names);
+    on a saliency store it is refused, naming the store."""
+    config = {"stores": [{"name": "boxes", "method": "random"},
+                         {"name": "boxes_20", "method": "random", "random_boxes": 20},
+                         {"name": "boxes_3", "method": "random", "random_boxes": 3}],
+              "pretrain_runs": [{"name": f"sp_{s}", "store": s} for s in ("boxes", "boxes_20", "boxes_3")],
+              "finetune_runs": [{"name": f"k_{s}", "model": "knet", "init": f"sp_{s}"}
+                                for s in ("boxes", "boxes_20", "boxes_3")]}
+    commands = [line for line in snakemake(tmp_path, "finetune", "-p", config=config).splitlines()
+                if "sp gen-masks" in line and "--shard 0/" in line]
+    assert len(commands) == 2 and all("--method random" in c for c in commands)
+    assert sorted(c.split("--random-boxes ")[1].split()[0] for c in commands) == ["20", "3"]
+    config["stores"].append({"name": "saliency_3", "random_boxes": 3})
+    with pytest.raises(AssertionError, match="saliency_3: random_boxes is the count of `method: random` stores"):
+        snakemake(tmp_path, "finetune", "-p", config=config)
 
 
 def test_a_shared_cache_per_store_images_repeat_and_a_split_per_seed(tmp_path):

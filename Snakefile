@@ -97,6 +97,9 @@ STORE_DATA_KEYS = ["unlabeled_images", "unlabeled_list", "unlabeled_gt"]
 STORE_OF = {}  # store name -> hash
 STORE_SETTINGS = {}  # hash -> generation settings
 STORE_DATA = {}  # hash -> {unlabeled_images, unlabeled_list, unlabeled_gt}
+# keys added after stores were made: at these values (refine "none", the paper's generator; the default
+# random_boxes) they stay out of the hash, so those stores keep the names they had before the keys existed
+NAMED_ONLY_IF_SET = {"refine": "none", "random_boxes": STAGE_DEFAULTS["gen_masks"]["random_boxes"]}
 for name, over in named("stores", [*config["gen_masks"], *STORE_DATA_KEYS, "import_ann"]).items():
     data = {k: over.pop(k, config[k]) for k in STORE_DATA_KEYS}
     data["import_ann"] = over.pop("import_ann", "")
@@ -111,11 +114,7 @@ for name, over in named("stores", [*config["gen_masks"], *STORE_DATA_KEYS, "impo
     if settings["method"] != "random" and settings["random_boxes"] != STAGE_DEFAULTS["gen_masks"]["random_boxes"]:
         raise ValueError(f"config stores: {name}: random_boxes is the count of `method: random` stores; "
                          f"this store's method is {settings['method']}")
-    # refine "none" (the paper's generator) and the default random_boxes stay out of the hash: such stores keep
-    # the names they had before those keys existed
-    named_by = {k: v for k, v in settings.items()
-                if not (k == "refine" and v == "none")
-                and not (k == "random_boxes" and v == STAGE_DEFAULTS["gen_masks"]["random_boxes"])}
+    named_by = {k: v for k, v in settings.items() if k not in NAMED_ONLY_IF_SET or v != NAMED_ONLY_IF_SET[k]}
     STORE_OF[name] = settings_hash(dict(named_by, **images))
     STORE_SETTINGS[STORE_OF[name]] = settings
     STORE_DATA[STORE_OF[name]] = data

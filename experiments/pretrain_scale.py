@@ -31,7 +31,7 @@ COCO_VAL = REPO.parent / "shared" / "datasets" / "coco_subset" / "val"
 # row -> (series, what it varies); a series is one line of the chart
 SERIES = {
     "sp_1x": "saliency, 451 COCO photos", "sp_4x": "saliency, 451 COCO photos", "sp_16x": "saliency, 451 COCO photos",
-    "sp_random_1x": "random boxes, 451 COCO photos",
+    "sp_random_1x": "random boxes, 451 COCO photos", "sp_min_score_05_1x": "saliency at min_score 0.5, 451 COCO photos",
     "sp_train310_saliency_4x": "saliency, 310 photos", "sp_train310_random_4x": "random boxes, 310 photos",
     "sp_train310_random_1x": "random boxes, 310 photos", "sp_train310_random_3_1x": "3 random boxes a photo, 310 photos", "sp_train310_ground_truth_1x": "ground truth, 310 photos",
     "sp_train310_ground_truth_large_1x": "ground truth >= 1 % of the photo, 310 photos",
